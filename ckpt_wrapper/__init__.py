@@ -1,0 +1,39 @@
+"""ckpt_wrapper: transparent activation checkpointing and offload for PyTorch.
+
+Wrapped blocks keep their parameter names, state-dict keys and classes, so sharding, saving,
+loading and compiling behave as if the model had not been touched, except that activation memory
+went down.
+
+Example:
+    >>> import torch
+    >>> from ckpt_wrapper import apply_activation_checkpointing, by_class
+    >>> model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()) for _ in range(3)])
+    >>> apply_activation_checkpointing(model, check_fn=by_class(torch.nn.Sequential))
+    ['0', '1', '2']
+    >>> model(torch.randn(4, 8)).sum().backward()
+"""
+
+from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
+from ckpt_wrapper.offload import OffloadOptions, OffloadWrapper, offload_wrapper
+from ckpt_wrapper.select import BlockSelector, by_class, by_class_name, by_name, every_nth
+from ckpt_wrapper.wrapper import ActivationWrapper, CheckpointImpl, CheckpointWrapper, checkpoint_wrapper, unwrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationWrapper",
+    "BlockSelector",
+    "CheckpointImpl",
+    "CheckpointWrapper",
+    "OffloadOptions",
+    "OffloadWrapper",
+    "apply_activation_checkpointing",
+    "by_class",
+    "by_class_name",
+    "by_name",
+    "checkpoint_wrapper",
+    "every_nth",
+    "offload_wrapper",
+    "remove_activation_checkpointing",
+    "unwrap",
+]

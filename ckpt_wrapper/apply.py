@@ -1,0 +1,164 @@
+"""``apply_activation_checkpointing`` and ``remove_activation_checkpointing``.
+
+Example:
+    >>> import torch
+    >>> from ckpt_wrapper import apply_activation_checkpointing, remove_activation_checkpointing
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    >>> apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, torch.nn.Linear))
+    ['0', '2']
+    >>> apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, torch.nn.Linear))
+    []
+    >>> remove_activation_checkpointing(model)
+    ['0', '2']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ckpt_wrapper.select import BlockSelector, _walk
+from ckpt_wrapper.wrapper import ActivationWrapper, checkpoint_wrapper, unwrap
+
+__all__ = ["apply_activation_checkpointing", "remove_activation_checkpointing"]
+
+
+def _policy_predicate(policy: Any, model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    """Adapt an FSDP auto-wrap policy (callable or ``_Policy`` object) to a (name, module) predicate."""
+    run_policy = getattr(policy, "_run_policy", None)
+    if run_policy is not None and not callable(policy):
+        targets = run_policy(model, ignored_modules=set(), root_kwargs={})
+        return lambda name, module: module in targets
+    if not callable(policy):
+        raise TypeError(
+            f"auto_wrap_policy must be an FSDP auto-wrap policy (a callable such as "
+            f"functools.partial(transformer_auto_wrap_policy, ...) or a ModuleWrapPolicy); got {policy!r}"
+        )
+
+    def predicate(name: str, module: nn.Module) -> bool:
+        numel = sum(p.numel() for p in module.parameters())
+        return bool(policy(module=module, recurse=False, nonwrapped_numel=numel))
+
+    return predicate
+
+
+def apply_activation_checkpointing(
+    model: nn.Module,
+    checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] = checkpoint_wrapper,
+    check_fn: Callable[[nn.Module], bool] = lambda _: True,
+    auto_wrap_policy: Any = None,
+) -> list[str]:
+    """Wrap the blocks of ``model`` that ``check_fn`` selects, in place; return their names.
+
+    A drop-in for PyTorch's private ``apply_activation_checkpointing`` (same parameters) that keeps
+    every parameter, buffer and state-dict name, wraps outermost matches only (never the root, never a
+    block inside a block), skips blocks already wrapped, and says so when the selection matches nothing.
+
+    Args:
+        model: the model to modify in place.
+        checkpoint_wrapper_fn: called on each selected block; ``checkpoint_wrapper`` (default),
+            ``offload_wrapper``, or a ``functools.partial`` of either with options.
+        check_fn: ``module -> bool``, or a selector such as ``by_class_name("LlamaDecoderLayer")``,
+            ``by_name("layers.*")`` or ``every_nth(2, ...)``, which also see names and order.
+        auto_wrap_policy: an FSDP auto-wrap policy; when given it takes precedence over ``check_fn``.
+
+    Returns:
+        The fully qualified names of the blocks wrapped by this call, in module order; ``[]`` when
+        everything selected was wrapped already.
+
+    Raises:
+        ValueError: if the selection matches no module; the message lists the classes in the model.
+        TypeError: if ``check_fn`` or ``auto_wrap_policy`` is not usable.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper import apply_activation_checkpointing, by_class
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+        >>> apply_activation_checkpointing(model, check_fn=by_class(torch.nn.Linear))
+        ['0']
+        >>> [name for name, _ in model.named_parameters()]
+        ['0.weight', '0.bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if auto_wrap_policy is not None:
+        chosen = list(_walk(model, _policy_predicate(auto_wrap_policy, model)))
+        described = f"auto_wrap_policy {auto_wrap_policy!r}"
+    elif isinstance(check_fn, BlockSelector):
+        chosen = check_fn.select(model)
+        described = check_fn.describe()
+    elif callable(check_fn):
+        chosen = list(_walk(model, lambda name, module: bool(check_fn(module))))
+        described = f"check_fn {getattr(check_fn, '__qualname__', check_fn)!r}"
+    else:
+        raise TypeError(f"check_fn must be callable (module -> bool) or a selector, got {type(check_fn).__name__}")
+
+    if not chosen:
+        raise ValueError(_nothing_matched_message(model, described))
+    wrapped: list[str] = []
+    for name, module in chosen:
+        if isinstance(module, ActivationWrapper):
+            continue
+        result = checkpoint_wrapper_fn(module)
+        if not isinstance(result, nn.Module):
+            raise TypeError(
+                f"checkpoint_wrapper_fn must return an nn.Module, got {type(result).__name__} for '{name}'"
+            )
+        if isinstance(result, ActivationWrapper):
+            result.__dict__["_ckpt_fqn"] = name
+        if result is not module:  # a wrapper that builds a new module (PyTorch's own, say)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, result)
+        wrapped.append(name)
+    return wrapped
+
+
+def _nothing_matched_message(model: nn.Module, described: str) -> str:
+    classes = sorted({type(m).__name__ for _, m in model.named_modules() if m is not model})
+    inside = sum(isinstance(m, ActivationWrapper) for m in model.modules())
+    note = (
+        f" {inside} module(s) are wrapped already; modules inside them are never candidates."
+        if inside
+        else ""
+    )
+    return (
+        f"apply_activation_checkpointing: {described} matched no module of {type(model).__name__}.{note} "
+        f"Module classes in the model: {', '.join(classes) or '(none)'}. "
+        "Select blocks by one of these classes, e.g. check_fn=ckpt_wrapper.by_class_name('<class name>')."
+    )
+
+
+def remove_activation_checkpointing(model: nn.Module) -> list[str]:
+    """Restore every wrapped module in ``model`` (the root included) to its original class, in place.
+
+    PyTorch's own ``CheckpointWrapper`` / ``OffloadWrapper`` are also removed, which lets a model
+    migrate: their inner modules take their place.
+
+    Args:
+        model: the model to modify in place.
+
+    Returns:
+        The fully qualified names of the modules unwrapped (``""`` for the root).
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper import checkpoint_wrapper, remove_activation_checkpointing
+        >>> model = torch.nn.Sequential(checkpoint_wrapper(torch.nn.Linear(2, 2)))
+        >>> remove_activation_checkpointing(model), type(model[0]).__name__
+        (['0'], 'Linear')
+    """
+    removed: list[str] = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ActivationWrapper):
+            unwrap(module)
+            removed.append(name)
+    # PyTorch's wrapper holds the block as a child; put the child back where the wrapper was.
+    for name, module in list(model.named_modules()):
+        inner = module._modules.get("_checkpoint_wrapped_module") if name else None
+        if inner is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, inner)
+            removed.append(name)
+    return removed

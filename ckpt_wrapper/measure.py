@@ -1,0 +1,137 @@
+"""Measure what activation checkpointing changes: memory held after forward, bytes saved, FLOPs.
+
+The measures behind the demo, the benchmarks and the memory tests, public so users can measure
+their own models the same way:
+
+- ``held_after_forward``: bytes the allocator holds after forward, minus the output (glibc's
+  ``mallinfo2`` on CPU, ``torch.cuda.memory_allocated`` on CUDA). It counts whatever keeps
+  activations alive: autograd saves, selective-checkpoint caches, offload buffers.
+- ``SavedBytes``: bytes that reach autograd's pack hook, parameters excluded. Cheap and exact for
+  what it sees, but blind to anything packed by an inner hook (the checkpoint's own, say).
+- ``step_flops``: FLOPs of forward plus backward, so recompute shows up as extra forward FLOPs.
+
+Example:
+    >>> import torch
+    >>> from ckpt_wrapper.measure import SavedBytes
+    >>> layer = torch.nn.Linear(16, 16)
+    >>> with SavedBytes(exclude=layer.parameters()) as saved:
+    ...     out = layer(torch.randn(4, 16, requires_grad=True))
+    >>> saved.bytes
+    256
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["SavedBytes", "held_after_forward", "step_flops", "host_allocated_bytes"]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+    )]
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    path = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(path).mallinfo2 if path else None
+    except (OSError, AttributeError):  # not glibc, or glibc older than 2.33
+        return None
+    if fn is not None:
+        fn.restype = _MallInfo2
+    return fn
+
+
+def host_allocated_bytes() -> int:
+    """Bytes glibc's allocator has handed out and not taken back (``uordblks + hblkhd``).
+
+    Raises:
+        RuntimeError: where the C library has no ``mallinfo2`` (non-glibc systems).
+    """
+    fn = _mallinfo2()
+    if fn is None:
+        raise RuntimeError("host_allocated_bytes needs glibc >= 2.33 (mallinfo2); it is not available here")
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
+
+
+def _allocated(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return host_allocated_bytes()
+
+
+def _output_bytes(output: Any) -> int:
+    tensors = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def held_after_forward(forward: Callable[[], Any], *, device: torch.device | str = "cpu", repeats: int = 3) -> int:
+    """Bytes that ``forward()`` leaves allocated (its output excluded), the least of ``repeats`` runs.
+
+    ``forward`` must build a fresh autograd graph each call; the graph is dropped between runs. One
+    warm-up call comes first so that lazily created state (workspaces, caches) is not counted.
+
+    Args:
+        forward: a callable running the forward pass and returning its output.
+        device: where activations live; CPU uses ``mallinfo2``, CUDA ``memory_allocated``.
+        repeats: runs to take the least of (allocator noise only ever adds).
+
+    Returns:
+        The bytes held, never negative.
+    """
+    device = torch.device(device)
+    forward()
+    best: int | None = None
+    for _ in range(repeats):
+        before = _allocated(device)
+        output = forward()
+        held = _allocated(device) - before - _output_bytes(output)
+        del output
+        best = held if best is None else min(best, held)
+    return max(best or 0, 0)
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts bytes packed for backward inside the ``with`` block, storages counted once.
+
+    Args:
+        exclude: tensors (parameters, typically) whose storages are not counted.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        super().__init__(self._pack, lambda packed: packed)
+
+    def __enter__(self) -> SavedBytes:
+        super().__enter__()
+        return self
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._exclude and key not in self._seen and not isinstance(tensor, torch.nn.Parameter):
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+        return tensor
+
+
+def step_flops(step: Callable[[], Any]) -> int:
+    """Total FLOPs counted by ``FlopCounterMode`` while ``step()`` runs (forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
