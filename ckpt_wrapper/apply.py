@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ckpt_wrapper.select import BlockSelector, _walk
-from ckpt_wrapper.wrapper import ActivationWrapper, checkpoint_wrapper, unwrap
+from ckpt_wrapper.wrapper import ActivationWrapper, _check_unwrappable, checkpoint_wrapper, unwrap
 
 __all__ = ["apply_activation_checkpointing", "remove_activation_checkpointing"]
 
@@ -142,6 +142,9 @@ def remove_activation_checkpointing(model: nn.Module) -> list[str]:
     Returns:
         The fully qualified names of the modules unwrapped (``""`` for the root).
 
+    Raises:
+        ValueError: if a wrapped block was sharded with ``fully_shard`` afterwards (nothing is changed).
+
     Example:
         >>> import torch
         >>> from ckpt_wrapper import checkpoint_wrapper, remove_activation_checkpointing
@@ -149,11 +152,13 @@ def remove_activation_checkpointing(model: nn.Module) -> list[str]:
         >>> remove_activation_checkpointing(model), type(model[0]).__name__
         (['0'], 'Linear')
     """
+    ours = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationWrapper)]
+    for _, module in ours:  # check all first: a half-unwrapped model is worse than an error
+        _check_unwrappable(module)
     removed: list[str] = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ActivationWrapper):
-            unwrap(module)
-            removed.append(name)
+    for name, module in ours:
+        unwrap(module)
+        removed.append(name)
     # PyTorch's wrapper holds the block as a child; put the child back where the wrapper was.
     for name, module in list(model.named_modules()):
         inner = module._modules.get("_checkpoint_wrapped_module") if name else None

@@ -149,8 +149,11 @@ class ActivationWrapper(nn.Module):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         reduced = super().__reduce_ex__(protocol)
-        if isinstance(reduced, tuple) and reduced[0] is copyreg.__newobj__ and reduced[1][0] is type(self):
-            return (_rebuild, (_kind_of(type(self)), self._ckpt_original_class), *reduced[2:])
+        cls = type(self)
+        if isinstance(reduced, tuple) and reduced[0] is copyreg.__newobj__ and reduced[1][0] is cls:
+            key = (_kind_of(cls), self._ckpt_original_class)
+            if _GENERATED.get(key) is cls:
+                return (_rebuild, key, *reduced[2:])
         return reduced
 
     def _ckpt_annotate(self, error: BaseException, phase: str) -> None:
@@ -323,10 +326,22 @@ def checkpoint_wrapper(
     return wrapped  # type: ignore[return-value]
 
 
+def _check_unwrappable(module: ActivationWrapper) -> None:
+    if _GENERATED.get((_kind_of(type(module)), module._ckpt_original_class)) is not type(module):
+        raise ValueError(
+            f"cannot unwrap {module._ckpt_label()}: its class was changed again after wrapping "
+            f"(now {type(module).__qualname__}, e.g. by fully_shard). Remove checkpointing before "
+            "sharding, or rebuild the model."
+        )
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """Undo ``checkpoint_wrapper`` / ``offload_wrapper`` on one module, in place, and return it.
 
     Modules that are not wrapped are returned unchanged.
+
+    Raises:
+        ValueError: if the block's class was changed again after wrapping (``fully_shard`` does this).
 
     Example:
         >>> import torch
@@ -337,6 +352,7 @@ def unwrap(module: nn.Module) -> nn.Module:
     """
     if not isinstance(module, ActivationWrapper):
         return module
+    _check_unwrappable(module)
     state = module.__dict__
     inner_forward = state.pop("_ckpt_inner_forward", None)
     for key in [k for k in state if k.startswith("_ckpt_")]:

@@ -1,0 +1,34 @@
+# ckpt_wrapper: the two commands.
+#   make demo   set up, then train a GPT-style model on 2 ranks (torchrun, FSDP2, checkpointing)
+#   make test   set up, then run the test suite
+# Overrides: PYTHON (interpreter that creates the venv), VENV (an existing venv with your own torch
+# is used as is), TORCH_SPEC (what to install when the venv has no torch), ARGS (demo flags),
+# PYTEST_ARGS (pytest flags).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.ckpt_wrapper-ready: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.ckpt_wrapper-ready
+
+demo: setup
+	PYTHON=$(PY) bash scripts/launch/run.sh $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) scripts/bench/overhead.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench-results
