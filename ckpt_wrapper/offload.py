@@ -96,6 +96,11 @@ class _Packer:
             return False
         if tensor.numel() * tensor.element_size() < self.options.min_bytes:
             return False
+        # A leaf that requires grad (a parameter, FSDP1's flat parameter behind its views, a user's
+        # input) is referenced elsewhere anyway: copying it would free nothing.
+        base = tensor._base if tensor._base is not None else tensor
+        if base.is_leaf and base.requires_grad:
+            return False
         return tensor.untyped_storage().data_ptr() not in self.keep
 
     def pack(self, tensor: torch.Tensor) -> Any:
