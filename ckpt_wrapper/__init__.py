@@ -15,13 +15,14 @@ Example:
 
 from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
 from ckpt_wrapper.offload import OffloadOptions, OffloadWrapper, offload_wrapper
-from ckpt_wrapper.select import BlockSelector, by_class, by_class_name, by_name, every_nth
+from ckpt_wrapper.select import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
 from ckpt_wrapper.wrapper import ActivationWrapper, CheckpointImpl, CheckpointWrapper, checkpoint_wrapper, unwrap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationWrapper",
+    "all_but_last",
     "BlockSelector",
     "CheckpointImpl",
     "CheckpointWrapper",
@@ -33,6 +34,7 @@ __all__ = [
     "by_name",
     "checkpoint_wrapper",
     "every_nth",
+    "first_n",
     "offload_wrapper",
     "remove_activation_checkpointing",
     "unwrap",

@@ -39,21 +39,32 @@ def default_device() -> torch.device:
 
 
 def init_distributed(device: torch.device, *, timeout_s: float = 300.0) -> bool:
-    """Join the process group torchrun described (env vars), with the backend that suits ``device``.
+    """Join a process group with the backend that suits ``device``; return whether this call made it.
 
-    Does nothing when a group exists already, or when no launcher set ``WORLD_SIZE`` (one process,
-    no group). Returns whether a group is in use.
+    Under torchrun (``RANK`` set) it joins the group the environment describes; a lone process gets a
+    one-rank group on an in-memory store (no port, so nothing collides with another job), which is what
+    ``fully_shard`` and DDP need. An existing group is left as it is (and ``False`` returned).
+
+    Example:
+        >>> import torch, torch.distributed as dist
+        >>> from ckpt_wrapper.distributed import init_distributed
+        >>> made = init_distributed(torch.device("cpu"))
+        >>> dist.get_world_size(), dist.get_backend()
+        (1, 'gloo')
+        >>> dist.destroy_process_group()
     """
     if dist.is_initialized():
-        return True
-    if "WORLD_SIZE" not in os.environ:
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend=dist.get_default_backend_for_device(device),
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    backend = dist.get_default_backend_for_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    device_id = device if device.type == "cuda" else None
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
     return True
 
 

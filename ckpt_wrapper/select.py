@@ -25,7 +25,7 @@ from torch import nn
 
 from ckpt_wrapper.wrapper import ActivationWrapper
 
-__all__ = ["BlockSelector", "by_class", "by_class_name", "by_name", "every_nth"]
+__all__ = ["BlockSelector", "by_class", "by_class_name", "by_name", "every_nth", "first_n", "all_but_last"]
 
 
 def _walk(model: nn.Module, matches: Callable[[str, nn.Module], bool]) -> Iterator[tuple[str, nn.Module]]:
@@ -169,6 +169,27 @@ class _EveryNth(BlockSelector):
         return f"every_nth({self.n}, {self.of.describe()}, offset={self.offset})"
 
 
+class _Slice(BlockSelector):
+    def __init__(self, of: BlockSelector, count: int, *, keep_first: bool, label: str) -> None:
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"{label} needs a count >= 0, got {count!r}")
+        if not isinstance(of, BlockSelector):
+            raise TypeError(f"{label} needs a selector to count, such as by_class_name('Block'); got {type(of).__name__}")
+        self.of, self.count, self.keep_first, self.label = of, count, keep_first, label
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        raise TypeError(f"{self.label} depends on order; use it through select() or apply_activation_checkpointing")
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        chosen = self.of.select(model)
+        if self.keep_first:
+            return chosen[: self.count]
+        return chosen[: max(len(chosen) - self.count, 0)]
+
+    def describe(self) -> str:
+        return f"{self.label}({self.count}, {self.of.describe()})"
+
+
 def _as_str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where} expects strings, got {type(value).__name__}: {value!r}")
@@ -225,3 +246,34 @@ def every_nth(n: int, of: BlockSelector, *, offset: int = 0) -> BlockSelector:
         ['1', '3']
     """
     return _EveryNth(n, of, offset)
+
+
+def first_n(n: int, of: BlockSelector) -> BlockSelector:
+    """Select the first ``n`` blocks that ``of`` selects, in module order.
+
+    For offload, the first blocks run earliest in forward and latest in backward, so their copies have
+    the most time to hide behind compute.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper import by_class, first_n
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(4)])
+        >>> [n for n, _ in first_n(2, by_class(torch.nn.Linear)).select(model)]
+        ['0', '1']
+    """
+    return _Slice(of, n, keep_first=True, label="first_n")
+
+
+def all_but_last(k: int, of: BlockSelector) -> BlockSelector:
+    """Select every block that ``of`` selects except the last ``k``.
+
+    The last blocks are the first needed in backward, with no compute to hide a transfer behind.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper import all_but_last, by_class
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(4)])
+        >>> [n for n, _ in all_but_last(1, by_class(torch.nn.Linear)).select(model)]
+        ['0', '1', '2']
+    """
+    return _Slice(of, k, keep_first=False, label="all_but_last")

@@ -115,7 +115,7 @@ def options_from_args(args: argparse.Namespace) -> ParityOptions:
 def run(options: ParityOptions) -> int:
     """Run the parity check on this rank; rank 0 prints the report. Returns 0 when all ranks agree."""
     device = torch.device(options.device) if options.device else default_device()
-    owns_group = not dist.is_initialized() and init_distributed(device)
+    owns_group = init_distributed(device)
     try:
         selector = by_class_name(options.blocks)
         if options.model is None:
@@ -124,8 +124,7 @@ def run(options: ParityOptions) -> int:
             gpt = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32, vocab_size=256)
             model_fn: Callable[[], torch.nn.Module] = functools.partial(GPT, gpt)
             batch_fn = options.batch and _load(options.batch)
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            batch_fn = batch_fn or functools.partial(_builtin_batch, batch=2 * world, seq_len=gpt.seq_len, vocab=gpt.vocab_size)
+            batch_fn = batch_fn or functools.partial(_builtin_batch, batch=2 * dist.get_world_size(), seq_len=gpt.seq_len, vocab=gpt.vocab_size)
         else:
             model_fn = _load(options.model)
             if options.batch is None:
@@ -140,9 +139,8 @@ def run(options: ParityOptions) -> int:
             is_block=selector, shard=options.recipe,
                               config=options.config, device=device)
         failed = torch.tensor([0 if report.ok else 1], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(failed)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        dist.all_reduce(failed)
+        if dist.get_rank() == 0:
             print(report)
             if int(failed) and report.ok:
                 print(f"{int(failed)} other rank(s) reported differences beyond tolerance")
