@@ -34,7 +34,8 @@ def _walk(model: nn.Module, matches: Callable[[str, nn.Module], bool]) -> Iterat
     def visit(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for child_name, child in module.named_children():
             name = f"{prefix}{child_name}"
-            if matches(name, child):
+            # Containers (ModuleList, ModuleDict) have no forward to wrap: look inside them instead.
+            if matches(name, child) and not _is_container(child):
                 yield name, child
             elif not isinstance(child, ActivationWrapper):
                 yield from visit(f"{name}.", child)
@@ -44,6 +45,10 @@ def _walk(model: nn.Module, matches: Callable[[str, nn.Module], bool]) -> Iterat
         if id(module) not in seen:  # a module registered twice is wrapped once
             seen.add(id(module))
             yield name, module
+
+
+def _is_container(module: nn.Module) -> bool:
+    return type(module).forward is nn.Module.forward
 
 
 class BlockSelector:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import enum
 import functools
@@ -31,6 +32,8 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from ckpt_wrapper._engine import OffloadEngine, OffloadOptions
 
 __all__ = ["CheckpointImpl", "CheckpointWrapper", "ActivationWrapper", "checkpoint_wrapper", "unwrap"]
 
@@ -128,10 +131,14 @@ class ActivationWrapper(nn.Module):
         inner = self.__dict__.get("_ckpt_inner_forward") or functools.partial(
             self._ckpt_original_class.forward, self
         )
-        if not torch.is_grad_enabled():
-            # Nothing is saved for backward, so there is nothing to drop, recompute or offload.
+        if torch.is_grad_enabled():
+            return self._wrapped_forward(inner, args, kwargs)
+        # Nothing is saved for backward, so there is nothing to drop, recompute or offload.
+        try:
             return inner(*args, **kwargs)
-        return self._wrapped_forward(inner, args, kwargs)
+        except BaseException as error:
+            self._ckpt_annotate(error, "running")
+            raise
 
     def _wrapped_forward(self, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
@@ -208,6 +215,11 @@ class CheckpointWrapper(ActivationWrapper):
         return self.__dict__.get("_ckpt_impl", CheckpointImpl.NO_REENTRANT)
 
     @property
+    def offload_engine(self) -> OffloadEngine | None:
+        """The engine the block's saved inputs are offloaded through, when ``offload`` was asked for."""
+        return self.__dict__.get("_ckpt_offload_engine")
+
+    @property
     def checkpoint_fn(self) -> Callable[..., Any] | None:
         """The user's replacement for ``torch.utils.checkpoint.checkpoint``, if one was given."""
         return self.__dict__.get("_ckpt_fn")
@@ -216,24 +228,39 @@ class CheckpointWrapper(ActivationWrapper):
         options = self.__dict__.get("_ckpt_options", {})
         calls = 0
 
-        def run(*call_args: Any) -> Any:
+        def run(*call_args: Any, **call_kwargs: Any) -> Any:
             nonlocal calls
-            calls += 1
+            if not torch.compiler.is_compiling():  # a side effect dynamo cannot trace inside the checkpoint op
+                calls += 1
             try:
-                return inner(*call_args, **kwargs)
+                return inner(*call_args, **call_kwargs)
             except BaseException as error:
-                self._ckpt_annotate(error, "running" if calls == 1 else "recomputing")
+                self._ckpt_annotate(error, "running" if calls <= 1 else "recomputing")
                 raise
 
-        custom_fn = self.checkpoint_fn
-        if custom_fn is not None:
-            return custom_fn(run, *args, **options)
-        if self.checkpoint_impl is CheckpointImpl.REENTRANT:
-            return _reentrant(run, args, options)
-        return torch_checkpoint.checkpoint(run, *args, use_reentrant=False, **options)
+        engine = self.__dict__.get("_ckpt_offload_engine")
+        saving = engine.saving(self) if engine is not None and engine.active_for(self, args, kwargs) else _NO_CONTEXT
+        with saving:  # only what the checkpoint itself saves (the block's inputs) passes through it
+            if self.checkpoint_impl is CheckpointImpl.REENTRANT and self.checkpoint_fn is None:
+                return _reentrant(run, args, kwargs, options)
+            # Keyword arguments travel in a closure: passed to checkpoint(), they could collide with its
+            # own options (a block taking `debug=` or `context_fn=`).
+            bound = functools.partial(_call_with, run, kwargs)
+            return (self.checkpoint_fn or _non_reentrant)(bound, *args, **options)
 
 
-def _reentrant(run: Callable[..., Any], args: tuple, options: dict) -> Any:
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _call_with(run: Callable[..., Any], kwargs: dict, *args: Any) -> Any:
+    return run(*args, **kwargs)
+
+
+def _non_reentrant(fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False, **options)
+
+
+def _reentrant(run: Callable[..., Any], args: tuple, kwargs: dict, options: dict) -> Any:
     """Reentrant checkpoint that keeps gradients when no input requires grad and returns any pytree.
 
     Reentrant checkpoint is an autograd.Function: it only sees tensors passed positionally and only
@@ -241,7 +268,7 @@ def _reentrant(run: Callable[..., Any], args: tuple, options: dict) -> Any:
     flattened, and a one-element tensor that requires grad is passed along so the Function is always
     part of the graph (otherwise parameter gradients silently become None).
     """
-    leaves, spec = pytree.tree_flatten(args)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
     tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     out_spec: list[pytree.TreeSpec] = []
 
@@ -249,7 +276,8 @@ def _reentrant(run: Callable[..., Any], args: tuple, options: dict) -> Any:
         rebuilt = list(leaves)
         for slot, tensor in zip(tensor_slots, tensors):
             rebuilt[slot] = tensor
-        out_leaves, spec_out = pytree.tree_flatten(run(*pytree.tree_unflatten(rebuilt, spec)))
+        call_args, call_kwargs = pytree.tree_unflatten(rebuilt, spec)
+        out_leaves, spec_out = pytree.tree_flatten(run(*call_args, **call_kwargs))
         out_spec[:] = [spec_out]
         return tuple(out_leaves)
 
@@ -264,6 +292,8 @@ def checkpoint_wrapper(
     module: nn.Module,
     checkpoint_impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT,
     checkpoint_fn: Callable[..., Any] | None = None,
+    *,
+    offload: bool | OffloadOptions | OffloadEngine = False,
     **checkpoint_fn_kwargs: Any,
 ) -> CheckpointWrapper:
     """Make ``module`` drop its activations in forward and recompute them in backward.
@@ -277,6 +307,9 @@ def checkpoint_wrapper(
             accepted too.
         checkpoint_fn: a replacement for ``torch.utils.checkpoint.checkpoint``, called as
             ``checkpoint_fn(fn, *args, **checkpoint_fn_kwargs)``; ``checkpoint_impl`` is then unused.
+        offload: also move what the checkpoint still saves (the block's inputs) to host memory:
+            ``True`` for default ``OffloadOptions``, an ``OffloadOptions``, or an ``OffloadEngine``
+            to share with other blocks.
         **checkpoint_fn_kwargs: options for ``torch.utils.checkpoint.checkpoint`` such as
             ``preserve_rng_state`` (default True), ``context_fn``, ``determinism_check``, ``debug``.
 
@@ -321,8 +354,18 @@ def checkpoint_wrapper(
                 )
     elif not callable(checkpoint_fn):
         raise TypeError(f"checkpoint_fn must be callable, got {type(checkpoint_fn).__name__}")
+    engine, private = None, False
+    if isinstance(offload, OffloadEngine):
+        engine = offload
+    elif isinstance(offload, OffloadOptions):
+        engine, private = OffloadEngine(offload), True
+    elif offload is True:
+        engine, private = OffloadEngine(), True
+    elif offload is not False:
+        raise TypeError(f"offload must be a bool, OffloadOptions or OffloadEngine; got {type(offload).__name__}")
     wrapped = CheckpointWrapper._install(module)
-    wrapped.__dict__.update(_ckpt_impl=impl, _ckpt_fn=checkpoint_fn, _ckpt_options=options)
+    wrapped.__dict__.update(_ckpt_impl=impl, _ckpt_fn=checkpoint_fn, _ckpt_options=options,
+                            _ckpt_offload_engine=engine, _ckpt_engine_private=private)
     return wrapped  # type: ignore[return-value]
 
 

@@ -1,0 +1,76 @@
+"""``torch.compile`` of a wrapped model: same numbers as eager, and traced like the unwrapped model.
+
+``aot_eager`` runs the traced graphs with eager kernels, so it is fast and checks tracing; inductor
+generates kernels and is marked slow (a cold compile takes tens of seconds on two cores).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from ckpt_wrapper import apply_activation_checkpointing, by_class
+from ckpt_wrapper.models import GPT, Block
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch, so graphs and guards from one test do not leak into the next."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_step(model: GPT, batch: tuple[torch.Tensor, torch.Tensor], **compile_options) -> torch.Tensor:
+    compiled = torch.compile(model, **compile_options)
+    tokens, targets = batch
+    loss = F.cross_entropy(compiled(tokens).flatten(0, 1), targets.flatten())
+    loss.backward()
+    return loss
+
+
+def _compare_with_eager(make_gpt, batch, assert_same_grads, **compile_options) -> None:
+    reference = make_gpt(n_layer=2)
+    model = copy.deepcopy(reference)
+    apply_activation_checkpointing(model, check_fn=by_class(Block))
+
+    loss_ref = reference.loss(*batch)
+    loss_ref.backward()
+    loss = _compiled_step(model, batch, **compile_options)
+
+    torch.testing.assert_close(loss, loss_ref)
+    assert_same_grads(model, reference, exact=False)
+
+
+def test_compiled_wrapped_model_matches_eager_aot_eager(make_gpt, batch, assert_same_grads) -> None:
+    """``torch.compile(wrapped, backend="aot_eager")`` gives the unwrapped eager model's loss and grads.
+
+    A failure means tracing the wrapper (its checkpoint region, its class swap) changes the numbers.
+    """
+    _compare_with_eager(make_gpt, batch, assert_same_grads, backend="aot_eager")
+
+
+def test_compiled_wrapped_model_traces_into_one_graph(make_gpt, batch, assert_same_grads) -> None:
+    """A wrapped model compiles with ``fullgraph=True``, as the unwrapped model does.
+
+    A failure (``torch._dynamo.exc.Unsupported``) means the wrapper causes a graph break; in a model
+    that loops over its blocks, dynamo then gives up on the whole forward and runs it eagerly, so the
+    user silently gets no compilation at all.
+    """
+    _compiled_step(make_gpt(n_layer=2), batch, backend="aot_eager", fullgraph=True)  # the unwrapped baseline
+    torch._dynamo.reset()
+    _compare_with_eager(make_gpt, batch, assert_same_grads, backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.slow
+def test_compiled_wrapped_model_matches_eager_inductor(make_gpt, batch, assert_same_grads) -> None:
+    """``torch.compile(wrapped)`` with the default inductor backend matches eager within float tolerance.
+
+    A failure means generated kernels for the checkpointed region (forward or recompute) compute
+    something different from eager.
+    """
+    _compare_with_eager(make_gpt, batch, assert_same_grads)
