@@ -14,7 +14,7 @@ Example:
 """
 
 from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
-from ckpt_wrapper.offload import OffloadOptions, OffloadWrapper, offload_wrapper
+from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.select import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
 from ckpt_wrapper.wrapper import ActivationWrapper, CheckpointImpl, CheckpointWrapper, checkpoint_wrapper, unwrap
 
@@ -26,7 +26,10 @@ __all__ = [
     "BlockSelector",
     "CheckpointImpl",
     "CheckpointWrapper",
+    "HostPool",
+    "OffloadEngine",
     "OffloadOptions",
+    "OffloadStats",
     "OffloadWrapper",
     "apply_activation_checkpointing",
     "by_class",

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ckpt_wrapper.offload import _share_engines
 from ckpt_wrapper.select import BlockSelector, _walk
 from ckpt_wrapper.wrapper import ActivationWrapper, _check_unwrappable, checkpoint_wrapper, unwrap
 
@@ -98,6 +99,7 @@ def apply_activation_checkpointing(
     if not chosen:
         raise ValueError(_nothing_matched_message(model, described))
     wrapped: list[str] = []
+    new_blocks: list[nn.Module] = []
     for name, module in chosen:
         if isinstance(module, ActivationWrapper):
             continue
@@ -112,6 +114,8 @@ def apply_activation_checkpointing(
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, result)
         wrapped.append(name)
+        new_blocks.append(result)
+    _share_engines(new_blocks)
     return wrapped
 
 

@@ -1,14 +1,17 @@
-"""Offload of saved activations to host memory: ``OffloadWrapper`` and ``offload_wrapper``.
+"""Offload of saved activations to host memory: ``OffloadWrapper``, ``offload_wrapper``, engines.
 
-A wrapped block runs its forward under ``saved_tensors_hooks`` that move what autograd saves to host
-memory and bring it back in backward. Parameters, buffers, views of either and small tensors stay
-where they are; tensors that share storage are copied once and come back sharing it, with their
-device, dtype, shape and strides. Copies here are synchronous and correct; overlapping them with
-compute is the job of the stream-based path (see docs/offload.md).
+A wrapped block runs its forward under ``saved_tensors_hooks`` that move what autograd saves into
+reusable host buffers and bring it back in backward (see ``ckpt_wrapper._engine`` for the streams).
+Parameters, buffers, views of either and small tensors stay where they are; tensors that share storage
+are copied once and come back sharing it, with their device, dtype, shape and strides.
 
-On a machine whose block lives in host memory already there is nothing to gain, so the wrapper is a
-no-op that says so once, unless ``cpu_copy=True`` asks it to copy into separate host buffers anyway:
-that mode exists so that selection, de-duplication and restore are exercised on CPU-only machines.
+Blocks wrapped by one ``apply_activation_checkpointing`` call share one engine (one buffer pool, and
+backward prefetches each block's tensors while the block after it computes); pass ``engine=`` to
+share one explicitly, and read its ``stats`` and ``pool``.
+
+On a machine whose block lives in host memory there is nothing to free, so offload is a no-op that
+says so once, unless ``cpu_copy=True`` asks for copies into separate host buffers anyway: that mode
+exists so selection, de-duplication, pooling and restore are exercised on CPU-only machines.
 
 Example:
     >>> import torch
@@ -16,117 +19,22 @@ Example:
     >>> block = offload_wrapper(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()),
     ...                         cpu_copy=True, min_bytes=0)
     >>> block(torch.randn(32, 64, requires_grad=True)).sum().backward()
-    >>> block[0].weight.grad.shape
-    torch.Size([64, 64])
+    >>> block[0].weight.grad.shape, block.offload_engine.stats.copies > 0
+    (torch.Size([64, 64]), True)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import warnings
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
+from ckpt_wrapper._engine import HostPool, OffloadEngine, OffloadOptions, OffloadStats
 from ckpt_wrapper.wrapper import ActivationWrapper, _register_kind
 
-__all__ = ["OffloadOptions", "OffloadWrapper", "offload_wrapper"]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OffloadOptions:
-    """How an ``OffloadWrapper`` chooses and moves saved tensors."""
-
-    min_bytes: int = 1 << 16
-    """Tensors smaller than this stay on the device: their copies cost more than they free."""
-    pin_memory: bool = True
-    """Copy into page-locked host memory (only where an accelerator is present)."""
-    cpu_copy: bool = False
-    """On CPU, copy into separate host buffers anyway (a test mode: it frees nothing)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
-            raise ValueError(f"min_bytes must be a non-negative int, got {self.min_bytes!r}")
-
-
-class _HostCopy:
-    """One host copy of (part of) a storage, shared by every saved tensor that views it."""
-
-    __slots__ = ("host", "device", "source", "version", "restored")
-
-    def __init__(self, host: torch.Tensor, device: torch.device, source: torch.Tensor) -> None:
-        self.host = host
-        self.device = device
-        # Weak: holding the source would keep the device memory alive, which offload exists to free.
-        self.source = weakref.ref(source)
-        self.version = source._version
-        self.restored: Callable[[], torch.Tensor | None] = lambda: None
-
-    def to_device(self) -> torch.Tensor:
-        restored = self.restored()
-        if restored is None:
-            restored = self.host.to(self.device, non_blocking=False)
-            self.restored = weakref.ref(restored)
-        return restored
-
-
-class _Packer:
-    """The pack/unpack pair for one forward of one block."""
-
-    def __init__(self, module: nn.Module, options: OffloadOptions) -> None:
-        self.options = options
-        self.keep: set[int] = set()
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            try:
-                self.keep.add(tensor.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-                pass
-        self.copies: dict[int, _HostCopy] = {}
-        self.copied_bytes = 0
-
-    def _should_offload(self, tensor: torch.Tensor) -> bool:
-        # Parameters are never offloaded; subclasses (DTensor, FakeTensor) manage their own storage.
-        if type(tensor) is not torch.Tensor or tensor.is_sparse or tensor.device.type == "meta":
-            return False
-        if tensor.device.type == "cpu" and not self.options.cpu_copy:
-            return False
-        if tensor.numel() * tensor.element_size() < self.options.min_bytes:
-            return False
-        # A leaf that requires grad (a parameter, FSDP1's flat parameter behind its views, a user's
-        # input) is referenced elsewhere anyway: copying it would free nothing.
-        base = tensor._base if tensor._base is not None else tensor
-        if base.is_leaf and base.requires_grad:
-            return False
-        return tensor.untyped_storage().data_ptr() not in self.keep
-
-    def pack(self, tensor: torch.Tensor) -> Any:
-        if not self._should_offload(tensor):
-            return tensor
-        storage = tensor.untyped_storage()
-        entry = self.copies.get(storage.data_ptr())
-        # Reuse only while the storage is provably the same one (a live view of it) and unchanged since.
-        source = entry.source() if entry is not None else None
-        if source is None or source.untyped_storage().data_ptr() != storage.data_ptr() or entry.version != tensor._version:
-            pin = self.options.pin_memory and tensor.device.type != "cpu" and torch.cuda.is_available()
-            flat = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-            host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin)
-            host.copy_(flat)
-            entry = _HostCopy(host, tensor.device, tensor)
-            self.copies[storage.data_ptr()] = entry
-            self.copied_bytes += storage.nbytes()
-        return (entry, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride())
-
-    @staticmethod
-    def unpack(packed: Any) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
-        entry, dtype, offset, size, stride = packed
-        raw = entry.to_device().untyped_storage()
-        return torch.empty(0, dtype=dtype, device=entry.device).set_(raw, offset, size, stride)
+__all__ = ["HostPool", "OffloadEngine", "OffloadOptions", "OffloadStats", "OffloadWrapper", "offload_wrapper"]
 
 
 @_register_kind
@@ -148,22 +56,23 @@ class OffloadWrapper(ActivationWrapper):
     _ckpt_repr_tag = "offloaded"
 
     @property
+    def offload_engine(self) -> OffloadEngine:
+        """The engine this block offloads through (shared with the blocks wrapped beside it)."""
+        engine = self.__dict__.get("_ckpt_offload_engine")
+        if engine is None:  # a block built by calling its class: default options
+            engine = self.__dict__["_ckpt_offload_engine"] = OffloadEngine()
+        return engine
+
+    @property
     def offload_options(self) -> OffloadOptions:
         """The options this block offloads with."""
-        return self.__dict__.get("_ckpt_offload_options") or OffloadOptions()
+        return self.offload_engine.options
 
     def _wrapped_forward(self, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        options = self.offload_options
-        packer = _Packer(self, options)
-        if not options.cpu_copy and not _has_accelerator_tensor(self, args, kwargs):
-            warnings.warn(
-                "ckpt_wrapper: offload_wrapper on a block in host memory has nothing to offload; it runs "
-                "the plain forward. Pass cpu_copy=True to exercise the copies on CPU.",
-                UserWarning,
-                stacklevel=2,
-            )
+        engine = self.offload_engine
+        if not engine.active_for(self, args, kwargs):
             return inner(*args, **kwargs)
-        with torch.autograd.graph.saved_tensors_hooks(packer.pack, packer.unpack):
+        with engine.saving(self):
             try:
                 return inner(*args, **kwargs)
             except BaseException as error:
@@ -171,36 +80,42 @@ class OffloadWrapper(ActivationWrapper):
                 raise
 
 
-def _has_accelerator_tensor(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    tensors = itertools.chain(
-        module.parameters(),
-        (t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)),
-    )
-    return any(t.device.type not in ("cpu", "meta") for t in tensors)
+def _engine_for(engine: OffloadEngine | None, options: dict[str, Any]) -> tuple[OffloadEngine, bool]:
+    """The engine to use and whether it was made here (and so may be merged with its siblings')."""
+    if engine is not None:
+        if options:
+            raise TypeError(
+                f"pass either engine= or offload options, not both (got engine and {sorted(options)}); "
+                "the engine's own options apply to every block it serves"
+            )
+        if not isinstance(engine, OffloadEngine):
+            raise TypeError(f"engine must be an OffloadEngine, got {type(engine).__name__}")
+        return engine, False
+    try:
+        return OffloadEngine(OffloadOptions(**options)), True
+    except TypeError as error:
+        known = [f.name for f in dataclasses.fields(OffloadOptions)]
+        raise TypeError(f"{error}; offload options are {known}") from None
 
 
-def offload_wrapper(
-    module: nn.Module,
-    *,
-    min_bytes: int = OffloadOptions.min_bytes,
-    pin_memory: bool = OffloadOptions.pin_memory,
-    cpu_copy: bool = OffloadOptions.cpu_copy,
-) -> OffloadWrapper:
+def offload_wrapper(module: nn.Module, *, engine: OffloadEngine | None = None, **options: Any) -> OffloadWrapper:
     """Make ``module`` keep its saved activations in host memory between forward and backward.
 
     A drop-in for PyTorch's private ``offload_wrapper``; the module is converted in place.
 
     Args:
         module: the block to offload. Modified in place.
-        min_bytes: tensors smaller than this stay on the device.
-        pin_memory: copy into page-locked host memory when an accelerator is present.
-        cpu_copy: on CPU, copy into separate host buffers anyway (a test mode).
+        engine: an ``OffloadEngine`` to share with other blocks; by default a new one, merged with the
+            others made by the same ``apply_activation_checkpointing`` call.
+        **options: ``OffloadOptions`` fields: ``min_bytes``, ``pin_memory``, ``cpu_copy``,
+            ``max_host_bytes``, ``on_host_full``, ``max_in_flight``, ``prefetch``.
 
     Returns:
         ``module`` itself, now also an instance of ``OffloadWrapper``.
 
     Raises:
-        ValueError: if the module is already wrapped or ``min_bytes`` is negative.
+        ValueError: if the module is already wrapped or an option is out of range.
+        TypeError: for an unknown option, or ``engine`` together with options.
 
     Example:
         >>> import torch
@@ -209,7 +124,22 @@ def offload_wrapper(
         >>> layer.offload_options.cpu_copy
         True
     """
-    options = OffloadOptions(min_bytes=min_bytes, pin_memory=pin_memory, cpu_copy=cpu_copy)
+    chosen, made_here = _engine_for(engine, options)
     wrapped = OffloadWrapper._install(module)
-    wrapped.__dict__["_ckpt_offload_options"] = options
+    wrapped.__dict__.update(_ckpt_offload_engine=chosen, _ckpt_engine_private=made_here)
     return wrapped  # type: ignore[return-value]
+
+
+def _share_engines(modules: Iterable[nn.Module]) -> None:
+    """Give blocks wrapped together, each with an engine of its own and equal options, one engine.
+
+    One pool serves them all, and backward can prefetch a block's tensors while the next computes:
+    neither works across separate engines.
+    """
+    shared: dict[OffloadOptions, OffloadEngine] = {}
+    for module in modules:
+        state = module.__dict__
+        if state.get("_ckpt_engine_private"):
+            engine = state["_ckpt_offload_engine"]
+            state["_ckpt_offload_engine"] = shared.setdefault(engine.options, engine)
+            state["_ckpt_engine_private"] = False
