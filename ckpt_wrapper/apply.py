@@ -70,7 +70,8 @@ def apply_activation_checkpointing(
         everything selected was wrapped already.
 
     Raises:
-        ValueError: if the selection matches no module; the message lists the classes in the model.
+        ValueError: if the selection matches no module (the message lists the classes in the model), or
+            the model already checkpoints itself (HF ``gradient_checkpointing_enable()``).
         TypeError: if ``check_fn`` or ``auto_wrap_policy`` is not usable.
 
     Example:
@@ -84,6 +85,7 @@ def apply_activation_checkpointing(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_double_checkpointing(model)
     if auto_wrap_policy is not None:
         chosen = list(_walk(model, _policy_predicate(auto_wrap_policy, model)))
         described = f"auto_wrap_policy {auto_wrap_policy!r}"
@@ -117,6 +119,19 @@ def apply_activation_checkpointing(
         new_blocks.append(result)
     _share_engines(new_blocks)
     return wrapped
+
+
+def _refuse_double_checkpointing(model: nn.Module) -> None:
+    # HF transformers models checkpoint their own layers once gradient_checkpointing_enable() ran;
+    # wrapping them as well would recompute every block twice.
+    enabled = [name or type(model).__name__ for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if enabled:
+        raise ValueError(
+            f"{type(model).__name__} already checkpoints its layers itself (gradient_checkpointing=True on "
+            f"{', '.join(enabled[:3])}{'...' if len(enabled) > 3 else ''}); wrapping it too would recompute every "
+            "block twice. Call model.gradient_checkpointing_disable() first, or keep HF's own and skip "
+            "apply_activation_checkpointing."
+        )
 
 
 def _nothing_matched_message(model: nn.Module, described: str) -> str:
