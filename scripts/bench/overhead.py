@@ -1,0 +1,480 @@
+"""Wrapper overhead: ckpt_wrapper's checkpointing against PyTorch's, on the same blocks in one process.
+
+Four configurations of one GPT-style decoder (identical weights) run interleaved round by round:
+
+- ``none``: no checkpointing.
+- ``functional``: the model's forward calls ``torch.utils.checkpoint.checkpoint(block, x,
+  use_reentrant=False)`` on each block (the cost floor for checkpointing a block).
+- ``torch_wrapper``: PyTorch's private ``checkpoint_wrapper`` on every block, through its
+  ``apply_activation_checkpointing``.
+- ``ckpt_wrapper``: ``ckpt_wrapper.apply_activation_checkpointing`` on every block.
+
+A step is forward + cross-entropy + backward, with ``zero_grad`` between steps. Reported per
+configuration: the median step time over rounds and its ratio to each of the others; memory held
+after forward (``ckpt_wrapper.measure.held_after_forward``); on CUDA also the peak allocated during a
+step (``torch.cuda.max_memory_allocated`` after a reset, above what was allocated before the step).
+Also reported: per-round paired ratios, and ratios over "quiet" rounds only (every configuration
+within ``--quiet-factor`` of its fastest), because on a shared machine other processes' load lands
+on whichever configuration happens to be running.
+Goals (DESIGN.md, "Measuring"): CPU, ckpt_wrapper / functional <= 1.02; GPU, on the reference
+workload, ckpt_wrapper / torch_wrapper <= 1.01 in step time and peak memory equal within 1%.
+
+On CPU the script re-executes itself with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``
+when they are not set (glibc reads them at start-up; without them freed activations go back to the OS
+and fault in again, which skews the unwrapped step), and uses 2 threads.
+
+Usage:
+    # CPU, small block stack (8 blocks, width 256, sequence 128, batch 4), about a minute when idle:
+    python scripts/bench/overhead.py --rounds 60 --warmup 5
+    # CPU reference workload (models.CPU_REFERENCE, batch 4):
+    python scripts/bench/overhead.py --reference --rounds 12 --warmup 2 --out bench-results/overhead-cpu-reference.json
+    # GPU reference workload (models.GPU_REFERENCE, batch 4, bf16), the default on a CUDA machine:
+    python scripts/bench/overhead.py --rounds 20 --warmup 3 --out bench-results/overhead-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    apply_activation_checkpointing as torch_apply_activation_checkpointing,
+)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    checkpoint_wrapper as torch_checkpoint_wrapper,
+)
+from torch.utils.checkpoint import checkpoint
+
+import ckpt_wrapper
+from ckpt_wrapper import models
+from ckpt_wrapper.measure import held_after_forward
+
+# glibc reads these when the process starts, so they are set by re-executing, not by os.environ.
+_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+CONFIGS = ("none", "functional", "torch_wrapper", "ckpt_wrapper")
+_REFERENCES = ("none", "functional", "torch_wrapper")  # the configurations ratios are taken against
+_PRESETS = ("small", "cpu-reference", "gpu-reference")
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Step time and memory of ckpt_wrapper against functional checkpoint and "
+        "PyTorch's checkpoint_wrapper, interleaved in one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available)")
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default=None,
+        help="parameter and activation dtype (the model is cast to it); default bf16 on CUDA, fp32 on CPU",
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds; each runs every configuration once")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
+    parser.add_argument("--steps", type=int, default=1, help="steps per configuration per round, timed together")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch.set_num_threads; default 2 on CPU (as CI's machine), unchanged on CUDA",
+    )
+    parser.add_argument(
+        "--preset", choices=_PRESETS, default=None,
+        help="model shape: 'small' (8 blocks, width 256, 4 heads, sequence 128, vocabulary 2000), "
+        "'cpu-reference' (models.CPU_REFERENCE), 'gpu-reference' (models.GPU_REFERENCE); "
+        "default small on CPU, gpu-reference on CUDA",
+    )
+    parser.add_argument(
+        "--reference", action="store_true",
+        help="shorthand for the device's reference workload: --preset cpu-reference on CPU, gpu-reference on CUDA",
+    )
+    parser.add_argument("--n-layer", type=int, default=None, help="override the preset's number of blocks")
+    parser.add_argument("--d-model", type=int, default=None, help="override the preset's hidden width")
+    parser.add_argument("--n-head", type=int, default=None, help="override the preset's attention heads")
+    parser.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and tokens")
+    parser.add_argument(
+        "--quiet-factor", type=float, default=1.25,
+        help="a round is 'quiet' when every configuration ran within this factor of its own fastest round; "
+        "ratios are also reported over quiet rounds, since load from other processes hits configurations unevenly",
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip held_after_forward (saves four extra forwards per config)"
+    )
+    parser.add_argument(
+        "--no-reexec", action="store_true",
+        help=f"on CPU, do not re-execute with {' '.join(f'{k}={v}' for k, v in _MALLOC_ENV.items())} "
+        "when they are missing (the result records whether they were set)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results/overhead.json"), help="JSON results file")
+    args = parser.parse_args(argv)
+    for flag in ("rounds", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.reference and args.preset is not None:
+        parser.error("pass either --reference or --preset, not both")
+    return args
+
+
+def _log(message: str) -> None:
+    print(f"[overhead] {message}", file=sys.stderr, flush=True)
+
+
+def _reexec_with_malloc_env() -> None:
+    """Replace this process by the same command with the glibc malloc settings in its environment."""
+    env = dict(os.environ)
+    env.update(_MALLOC_ENV)
+    # sys.orig_argv keeps interpreter flags and `-m`, so the same command runs again.
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    _log(f"re-executing with {' '.join(f'{k}={v}' for k, v in _MALLOC_ENV.items())}")
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def _malloc_env_set() -> bool:
+    return all(os.environ.get(key) == value for key, value in _MALLOC_ENV.items())
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class FunctionalCheckpointGPT(models.GPT):
+    """``GPT`` whose forward checkpoints each block with the functional API; otherwise ``GPT.forward``."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(positions)
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return self.head(self.ln_f(x))
+
+
+def _model_config(args: argparse.Namespace, cuda: bool) -> tuple[str, models.GPTConfig]:
+    if args.reference:
+        preset = "gpu-reference" if cuda else "cpu-reference"
+    else:
+        preset = args.preset or ("gpu-reference" if cuda else "small")
+    base = {
+        "small": models.GPTConfig(n_layer=8, d_model=256, n_head=4, seq_len=128, vocab_size=2000),
+        "cpu-reference": models.CPU_REFERENCE,
+        "gpu-reference": models.GPU_REFERENCE,
+    }[preset]
+    fields = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
+    overrides = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
+    return preset, dataclasses.replace(base, **overrides)
+
+
+def _build_models(
+    config: models.GPTConfig, device: torch.device, dtype: torch.dtype, seed: int
+) -> dict[str, nn.Module]:
+    """The four configurations, all with the weights of one seeded model."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        base = models.GPT(config).to(dtype)
+        functional = FunctionalCheckpointGPT(config).to(dtype)
+    functional.load_state_dict(base.state_dict())
+    is_block = lambda module: isinstance(module, models.Block)  # noqa: E731
+    torch_wrapped = copy.deepcopy(base)
+    torch_apply_activation_checkpointing(
+        torch_wrapped, checkpoint_wrapper_fn=torch_checkpoint_wrapper, check_fn=is_block
+    )
+    ours = copy.deepcopy(base)
+    wrapped = ckpt_wrapper.apply_activation_checkpointing(ours, check_fn=is_block)
+    if len(wrapped) != config.n_layer:
+        raise RuntimeError(f"ckpt_wrapper wrapped {wrapped}, expected all {config.n_layer} blocks")
+    return {"none": base, "functional": functional, "torch_wrapper": torch_wrapped, "ckpt_wrapper": ours}
+
+
+def _step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Forward, cross-entropy, backward, zero_grad; returns the loss without synchronizing."""
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _timed(step: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, int | None]:
+    """Seconds per step over ``steps`` steps, and on CUDA the peak bytes allocated above the start."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated(device) - start_bytes
+    begin = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - begin) / steps, None
+
+
+def _run_rounds(
+    steps: dict[str, Callable[[], Any]], args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Warm-up, then timed rounds; every round runs each configuration once, in a rotated order."""
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    peaks: dict[str, list[int]] = {name: [] for name in CONFIGS}
+    began = time.perf_counter()
+    for index in range(args.warmup + args.rounds):
+        # Rotate the order each round so no configuration always follows the same one.
+        order = CONFIGS[index % len(CONFIGS):] + CONFIGS[: index % len(CONFIGS)]
+        this_round: dict[str, float] = {}
+        for name in order:
+            this_round[name], peak = _timed(steps[name], args.steps, device)
+            if index >= args.warmup:
+                times[name].append(this_round[name])
+                if peak is not None:
+                    peaks[name].append(peak)
+        warm = index < args.warmup
+        label = f"warm-up {index + 1}/{args.warmup}" if warm else f"round {index - args.warmup + 1}/{args.rounds}"
+        _log(
+            f"{label} ({time.perf_counter() - began:.0f} s): "
+            + ", ".join(f"{name} {this_round[name] * 1e3:.1f} ms" for name in CONFIGS)
+        )
+    return times, peaks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu" and not _malloc_env_set() and not args.no_reexec:
+        _reexec_with_malloc_env()  # does not return
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if cuda else "fp32")])
+    threads = args.threads if args.threads is not None else (None if cuda else 2)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    preset, config = _model_config(args, cuda)
+
+    device_name = torch.cuda.get_device_name(device) if cuda else _cpu_model_name()
+    environment = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if cuda else None,
+        "malloc_env_set": _malloc_env_set(),
+        "malloc_env": {key: os.environ.get(key) for key in _MALLOC_ENV},
+    }
+    _log(f"{device} ({device_name}), torch {torch.__version__}, {environment['threads']} threads, {dtype}")
+    _log(f"model {preset}: {config}, batch {args.batch}")
+
+    built = _build_models(config, device, dtype, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, config.vocab_size, (args.batch, config.seq_len + 1), generator=generator).to(device)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    steps = {name: functools.partial(_step, model, inputs, targets) for name, model in built.items()}
+
+    # Identical weights and inputs must give identical losses; a broken harness shows here.
+    losses = {name: step().item() for name, step in steps.items()}
+    _log("first-step losses: " + ", ".join(f"{name} {loss:.6f}" for name, loss in losses.items()))
+    if max(losses.values()) - min(losses.values()) > 1e-3 * max(1.0, abs(losses["none"])):
+        raise RuntimeError(f"configurations disagree on the loss ({losses}); the comparison would be meaningless")
+
+    times, peaks = _run_rounds(steps, args, device)
+
+    held: dict[str, int | None] = {name: None for name in CONFIGS}
+    if not args.no_memory:
+        for name, model in built.items():
+            held[name] = held_after_forward(functools.partial(model, inputs), device=device)
+            _log(f"held after forward, {name}: {held[name] / 2**20:.1f} MiB")
+
+    results = _summarize(times, peaks, held, args.quiet_factor)
+    report = {
+        "benchmark": "wrapper overhead",
+        "command": " ".join([Path(sys.executable).name, *sys.orig_argv[1:]]),
+        "environment": environment,
+        "model": {"preset": preset, **dataclasses.asdict(config), "batch": args.batch, "dtype": str(dtype)},
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "steps_per_round": args.steps,
+        "first_step_losses": losses,
+        "results": results["configs"],
+        "paired_ratios": results["paired"],
+        "quiet_rounds": results["quiet"],
+        "goals": _goals(results, cuda),
+    }
+    print(_markdown(report, cuda))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _log(f"wrote {args.out}")
+    return 0
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def _summarize(
+    times: dict[str, list[float]], peaks: dict[str, list[int]], held: dict[str, int | None], quiet_factor: float
+) -> dict:
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    configs: dict[str, dict[str, Any]] = {}
+    for name in CONFIGS:
+        q1, q3 = _quartiles(times[name])
+        entry: dict[str, Any] = {
+            "median_s": medians[name],
+            "q1_s": q1,
+            "q3_s": q3,
+            "min_s": min(times[name]),
+            "times_s": times[name],
+            "ratio": {other: medians[name] / medians[other] for other in _REFERENCES},
+            "held_after_forward_bytes": held[name],
+        }
+        if held[name] is not None and held["none"]:
+            entry["held_ratio_to_none"] = held[name] / held["none"]
+        if peaks[name]:
+            entry["peak_above_start_bytes"] = max(peaks[name])
+            entry["peak_ratio"] = {other: max(peaks[name]) / max(peaks[other]) for other in _REFERENCES}
+        configs[name] = entry
+    # Per-round ratios pair each measurement with its neighbour in time, which cancels slow drifts.
+    paired: dict[str, dict[str, float]] = {}
+    pairs = (("ckpt_wrapper", "functional"), ("ckpt_wrapper", "torch_wrapper"), ("torch_wrapper", "functional"))
+    for name, other in pairs:
+        ratios = [a / b for a, b in zip(times[name], times[other])]
+        q1, q3 = _quartiles(ratios)
+        paired[f"{name}/{other}"] = {"median": statistics.median(ratios), "q1": q1, "q3": q3}
+    # Other processes on a shared machine slow whichever configuration happens to run then; rounds where
+    # every configuration ran near its own best are the ones that compare wrappers rather than load.
+    fastest = {name: min(values) for name, values in times.items()}
+    quiet = [
+        r for r in range(len(times["none"])) if all(times[name][r] <= quiet_factor * fastest[name] for name in CONFIGS)
+    ]
+    quiet_summary: dict[str, Any] = {"factor": quiet_factor, "count": len(quiet), "of": len(times["none"])}
+    if quiet:
+        quiet_medians = {name: statistics.median(times[name][r] for r in quiet) for name in CONFIGS}
+        quiet_summary["median_s"] = quiet_medians
+        quiet_summary["ratio"] = {
+            name: {other: quiet_medians[name] / quiet_medians[other] for other in _REFERENCES}
+            for name in CONFIGS
+        }
+    return {"configs": configs, "paired": paired, "quiet": quiet_summary}
+
+
+def _goals(results: dict, cuda: bool) -> dict[str, Any]:
+    ours = results["configs"]["ckpt_wrapper"]
+    quiet = results["quiet"].get("ratio", {}).get("ckpt_wrapper", {})
+    other, goal = ("torch_wrapper", 1.01) if cuda else ("functional", 1.02)
+    ratio = ours["ratio"][other]
+    goals: dict[str, Any] = {
+        f"{'gpu' if cuda else 'cpu'}_time_vs_{other}": {
+            "ratio": ratio,
+            "quiet_rounds_ratio": quiet.get(other),
+            "paired_ratio": results["paired"][f"ckpt_wrapper/{other}"]["median"],
+            "goal": goal,
+            "met": ratio <= goal,
+        }
+    }
+    if not cuda:
+        return goals
+    peak = ours["peak_ratio"]["torch_wrapper"]
+    goals["gpu_peak_vs_torch_wrapper"] = {"ratio": peak, "goal": "within 1%", "met": abs(peak - 1) <= 0.01}
+    return goals
+
+
+def _markdown(report: dict, cuda: bool) -> str:
+    env, model, results = report["environment"], report["model"], report["results"]
+    lines = [
+        f"### Wrapper overhead: {env['device']} ({env['device_name']}), torch {env['torch']}, "
+        f"{env['threads']} threads, {model['dtype'].removeprefix('torch.')}",
+        "",
+        f"Model `{model['preset']}`: {model['n_layer']} blocks, width {model['d_model']}, {model['n_head']} heads, "
+        f"sequence {model['seq_len']}, vocabulary {model['vocab_size']}, batch {model['batch']}. "
+        f"{report['rounds']} rounds (median) after {report['warmup']} warm-up, {report['steps_per_round']} "
+        f"step(s) per round"
+        + ("." if cuda else f"; malloc env {'set' if env['malloc_env_set'] else 'NOT set'}."),
+        "",
+    ]
+    header = (
+        "| configuration | step ms (median) | IQR ms | min ms | / none | / functional | / torch_wrapper "
+        "| held after fwd MiB |"
+    )
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if cuda:
+        header += " peak above start MiB | peak / torch_wrapper |"
+        rule += " ---: | ---: |"
+    lines += [header, rule]
+    for name in CONFIGS:
+        entry = results[name]
+        held = entry["held_after_forward_bytes"]
+        row = (
+            f"| {name} | {entry['median_s'] * 1e3:.2f} | {entry['q1_s'] * 1e3:.2f}-{entry['q3_s'] * 1e3:.2f} | "
+            f"{entry['min_s'] * 1e3:.2f} | "
+            f"{entry['ratio']['none']:.3f} | {entry['ratio']['functional']:.3f} | "
+            f"{entry['ratio']['torch_wrapper']:.3f} | {'-' if held is None else f'{held / 2**20:.1f}'} |"
+        )
+        if cuda:
+            row += f" {entry['peak_above_start_bytes'] / 2**20:.1f} | {entry['peak_ratio']['torch_wrapper']:.4f} |"
+        lines.append(row)
+    lines.append("")
+    lines.append(
+        "Per-round paired ratios (median, IQR): "
+        + "; ".join(
+            f"{key} {v['median']:.3f} ({v['q1']:.3f}-{v['q3']:.3f})" for key, v in report["paired_ratios"].items()
+        )
+    )
+    quiet = report["quiet_rounds"]
+    if "ratio" in quiet:
+        lines.append(
+            f"Quiet rounds ({quiet['count']} of {quiet['of']}, every configuration within {quiet['factor']}x of its "
+            "fastest), ratio of medians: "
+            + "; ".join(
+                f"{name}/{other} {quiet['ratio'][name][other]:.3f}"
+                for name, other in (
+                    ("functional", "none"), ("ckpt_wrapper", "functional"),
+                    ("ckpt_wrapper", "torch_wrapper"), ("torch_wrapper", "functional"),
+                )
+            )
+        )
+    else:
+        lines.append(f"Quiet rounds: none of {quiet['of']} (none had every configuration within {quiet['factor']}x)")
+    for key, goal in report["goals"].items():
+        extra = "".join(
+            f", {label} {goal[field]:.4f}"
+            for label, field in (("quiet rounds", "quiet_rounds_ratio"), ("paired", "paired_ratio"))
+            if goal.get(field) is not None
+        )
+        judged = ", judged on all rounds" if "paired_ratio" in goal else ""
+        verdict = "met" if goal["met"] else "NOT met"
+        lines.append(f"Goal {key}: {goal['ratio']:.4f}{extra} (goal {goal['goal']}{judged}): {verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
