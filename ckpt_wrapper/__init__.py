@@ -16,14 +16,20 @@ Example:
 from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
 from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.select import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
+from ckpt_wrapper.plan import Plan, PlanEntry, plan
+from ckpt_wrapper.recompute import CheapRecomputeWrapper, cheap_modules, cheap_recompute_wrapper
+from ckpt_wrapper.selective import PRESETS, apply_selective_checkpointing, checkpoint_regions, region_candidates, selective_context_fn
 from ckpt_wrapper.wrapper import ActivationWrapper, CheckpointImpl, CheckpointWrapper, checkpoint_wrapper, unwrap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "ActivationWrapper",
     "all_but_last",
+    "apply_selective_checkpointing",
     "BlockSelector",
+    "CheapRecomputeWrapper",
     "CheckpointImpl",
     "CheckpointWrapper",
     "HostPool",
@@ -31,14 +37,22 @@ __all__ = [
     "OffloadOptions",
     "OffloadStats",
     "OffloadWrapper",
+    "Plan",
+    "PlanEntry",
     "apply_activation_checkpointing",
     "by_class",
     "by_class_name",
     "by_name",
+    "cheap_modules",
+    "cheap_recompute_wrapper",
+    "checkpoint_regions",
     "checkpoint_wrapper",
     "every_nth",
     "first_n",
     "offload_wrapper",
+    "plan",
+    "region_candidates",
     "remove_activation_checkpointing",
+    "selective_context_fn",
     "unwrap",
 ]

@@ -130,8 +130,29 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         return tensor
 
 
+def _cpu_attention_flops() -> dict[Any, Any]:
+    # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel; without these the
+    # recompute of attention would look free on CPU.
+    from torch.utils import flop_counter
+
+    def forward(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
 def step_flops(step: Callable[[], Any]) -> int:
-    """Total FLOPs counted by ``FlopCounterMode`` while ``step()`` runs (forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
+    """Total FLOPs counted by ``FlopCounterMode`` while ``step()`` runs (forward and backward).
+
+    Attention counts as dense (causal masking is not discounted), as in PyTorch's own formulas.
+    """
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         step()
     return int(counter.get_total_flops())
