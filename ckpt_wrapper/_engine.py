@@ -172,7 +172,9 @@ class _HostCopy:
         self.d2h_done: Any = None
         self.h2d_done: Any = None
         self.prefetched: torch.Tensor | None = None
-        self.restored: Any = lambda: None
+        # The device copy, once backward holds it: a weak reference to the storage itself, so views of
+        # this storage unpacked later find it as long as any of them is alive.
+        self.restored: StorageWeakRef | None = None
 
     def __del__(self) -> None:
         # The graph that held this copy is gone (backward ran, or the forward was abandoned): the
@@ -223,8 +225,13 @@ class _Frame:
     def prefetch(self) -> None:
         for _, ref in self.copies.values():
             entry = ref()
-            if entry is not None and entry.prefetched is None and entry.restored() is None:
+            if entry is not None and entry.prefetched is None and _alive(entry.restored) is None:
                 self.engine._copy_in(entry, prefetch=True)
+
+
+def _alive(ref: StorageWeakRef | None) -> torch.UntypedStorage | None:
+    """The storage ``ref`` points to, or None once it has been freed."""
+    return None if ref is None else torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
 
 
 def _unpack(packed: Any) -> torch.Tensor:
@@ -234,9 +241,13 @@ def _unpack(packed: Any) -> torch.Tensor:
     engine = frame.engine
     if not frame.started:
         frame.started = True
-        previous = frame.previous() if frame.previous is not None else None
-        if engine.options.prefetch and previous is not None:
-            previous.prefetch()
+        if engine.options.prefetch:
+            # This block's own tensors first: backward needs them now, and copies back run in order
+            # on one stream. Then the block before it, which backward needs next.
+            frame.prefetch()
+            previous = frame.previous() if frame.previous is not None else None
+            if previous is not None:
+                previous.prefetch()
     raw = engine._device_storage(entry)
     return torch.empty(0, dtype=dtype, device=entry.device).set_(raw, offset, size, stride)
 
@@ -382,16 +393,18 @@ class OffloadEngine:
         return restored
 
     def _device_storage(self, entry: _HostCopy) -> torch.UntypedStorage:
-        restored = entry.prefetched if entry.prefetched is not None else entry.restored()
-        if restored is None:
-            restored = self._copy_in(entry, prefetch=False)
+        storage = _alive(entry.restored)
+        if storage is not None:  # another view of this storage was unpacked already
+            return storage
+        restored = entry.prefetched if entry.prefetched is not None else self._copy_in(entry, prefetch=False)
         entry.prefetched = None  # from here on the backward's own references keep it alive
-        entry.restored = weakref.ref(restored)
+        storage = restored.untyped_storage()
+        entry.restored = StorageWeakRef(storage)
         if entry.device.type == "cuda":
             current = torch.cuda.current_stream(entry.device)
             current.wait_event(entry.h2d_done)
             restored.record_stream(current)
-        return restored.untyped_storage()
+        return storage
 
     def clear_cache(self) -> None:
         """Release the pool's cached host buffers (say, before a phase without offload)."""

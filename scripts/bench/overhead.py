@@ -38,10 +38,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing as torch_apply_activation_checkpointing,
@@ -64,13 +59,11 @@ import ckpt_wrapper
 from ckpt_wrapper import models
 from ckpt_wrapper.measure import held_after_forward
 
-# glibc reads these when the process starts, so they are set by re-executing, not by os.environ.
-_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path rather than run
+import _common  # noqa: E402
 
 CONFIGS = ("none", "functional", "torch_wrapper", "ckpt_wrapper")
 _REFERENCES = ("none", "functional", "torch_wrapper")  # the configurations ratios are taken against
-_PRESETS = ("small", "cpu-reference", "gpu-reference")
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,35 +72,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "PyTorch's checkpoint_wrapper, interleaved in one process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available)")
-    parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default=None,
-        help="parameter and activation dtype (the model is cast to it); default bf16 on CUDA, fp32 on CPU",
-    )
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds; each runs every configuration once")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
-    parser.add_argument("--steps", type=int, default=1, help="steps per configuration per round, timed together")
-    parser.add_argument(
-        "--threads", type=int, default=None,
-        help="torch.set_num_threads; default 2 on CPU (as CI's machine), unchanged on CUDA",
-    )
-    parser.add_argument(
-        "--preset", choices=_PRESETS, default=None,
-        help="model shape: 'small' (8 blocks, width 256, 4 heads, sequence 128, vocabulary 2000), "
-        "'cpu-reference' (models.CPU_REFERENCE), 'gpu-reference' (models.GPU_REFERENCE); "
-        "default small on CPU, gpu-reference on CUDA",
-    )
-    parser.add_argument(
-        "--reference", action="store_true",
-        help="shorthand for the device's reference workload: --preset cpu-reference on CPU, gpu-reference on CUDA",
-    )
-    parser.add_argument("--n-layer", type=int, default=None, help="override the preset's number of blocks")
-    parser.add_argument("--d-model", type=int, default=None, help="override the preset's hidden width")
-    parser.add_argument("--n-head", type=int, default=None, help="override the preset's attention heads")
-    parser.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and tokens")
+    _common.add_run_arguments(parser, rounds=20, warmup=3)
+    _common.add_model_arguments(parser)
     parser.add_argument(
         "--quiet-factor", type=float, default=1.25,
         help="a round is 'quiet' when every configuration ran within this factor of its own fastest round; "
@@ -116,50 +82,14 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip held_after_forward (saves four extra forwards per config)"
     )
-    parser.add_argument(
-        "--no-reexec", action="store_true",
-        help=f"on CPU, do not re-execute with {' '.join(f'{k}={v}' for k, v in _MALLOC_ENV.items())} "
-        "when they are missing (the result records whether they were set)",
-    )
+    _common.add_reexec_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/overhead.json"), help="JSON results file")
     args = parser.parse_args(argv)
-    for flag in ("rounds", "steps"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.reference and args.preset is not None:
-        parser.error("pass either --reference or --preset, not both")
+    _common.check_run_arguments(parser, args)
     return args
 
 
-def _log(message: str) -> None:
-    print(f"[overhead] {message}", file=sys.stderr, flush=True)
-
-
-def _reexec_with_malloc_env() -> None:
-    """Replace this process by the same command with the glibc malloc settings in its environment."""
-    env = dict(os.environ)
-    env.update(_MALLOC_ENV)
-    # sys.orig_argv keeps interpreter flags and `-m`, so the same command runs again.
-    argv = [sys.executable, *sys.orig_argv[1:]]
-    _log(f"re-executing with {' '.join(f'{k}={v}' for k, v in _MALLOC_ENV.items())}")
-    sys.stdout.flush()
-    os.execve(sys.executable, argv, env)
-
-
-def _malloc_env_set() -> bool:
-    return all(os.environ.get(key) == value for key, value in _MALLOC_ENV.items())
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+_log = _common.make_logger("overhead")
 
 
 class FunctionalCheckpointGPT(models.GPT):
@@ -171,21 +101,6 @@ class FunctionalCheckpointGPT(models.GPT):
         for layer in self.layers:
             x = checkpoint(layer, x, use_reentrant=False)
         return self.head(self.ln_f(x))
-
-
-def _model_config(args: argparse.Namespace, cuda: bool) -> tuple[str, models.GPTConfig]:
-    if args.reference:
-        preset = "gpu-reference" if cuda else "cpu-reference"
-    else:
-        preset = args.preset or ("gpu-reference" if cuda else "small")
-    base = {
-        "small": models.GPTConfig(n_layer=8, d_model=256, n_head=4, seq_len=128, vocab_size=2000),
-        "cpu-reference": models.CPU_REFERENCE,
-        "gpu-reference": models.GPU_REFERENCE,
-    }[preset]
-    fields = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
-    overrides = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
-    return preset, dataclasses.replace(base, **overrides)
 
 
 def _build_models(
@@ -209,35 +124,6 @@ def _build_models(
     return {"none": base, "functional": functional, "torch_wrapper": torch_wrapped, "ckpt_wrapper": ours}
 
 
-def _step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Forward, cross-entropy, backward, zero_grad; returns the loss without synchronizing."""
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def _timed(step: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, int | None]:
-    """Seconds per step over ``steps`` steps, and on CUDA the peak bytes allocated above the start."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start_bytes = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / steps, torch.cuda.max_memory_allocated(device) - start_bytes
-    begin = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - begin) / steps, None
-
-
 def _run_rounds(
     steps: dict[str, Callable[[], Any]], args: argparse.Namespace, device: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
@@ -250,7 +136,7 @@ def _run_rounds(
         order = CONFIGS[index % len(CONFIGS):] + CONFIGS[: index % len(CONFIGS)]
         this_round: dict[str, float] = {}
         for name in order:
-            this_round[name], peak = _timed(steps[name], args.steps, device)
+            this_round[name], peak = _common.timed(steps[name], args.steps, device)
             if index >= args.warmup:
                 times[name].append(this_round[name])
                 if peak is not None:
@@ -266,37 +152,18 @@ def _run_rounds(
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cpu" and not _malloc_env_set() and not args.no_reexec:
-        _reexec_with_malloc_env()  # does not return
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if cuda else "fp32")])
-    threads = args.threads if args.threads is not None else (None if cuda else 2)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    preset, config = _model_config(args, cuda)
+    run = _common.prepare_run(args, _log)  # on CPU without the malloc settings, re-executes and does not return
+    device, cuda, dtype = run.device, run.cuda, run.dtype
+    preset, config = _common.model_config(args, cuda)
 
-    device_name = torch.cuda.get_device_name(device) if cuda else _cpu_model_name()
-    environment = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": device_name,
-        "threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda if cuda else None,
-        "malloc_env_set": _malloc_env_set(),
-        "malloc_env": {key: os.environ.get(key) for key in _MALLOC_ENV},
-    }
+    environment = _common.environment(run)
+    device_name = environment["device_name"]
     _log(f"{device} ({device_name}), torch {torch.__version__}, {environment['threads']} threads, {dtype}")
     _log(f"model {preset}: {config}, batch {args.batch}")
 
     built = _build_models(config, device, dtype, args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    tokens = torch.randint(0, config.vocab_size, (args.batch, config.seq_len + 1), generator=generator).to(device)
-    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    steps = {name: functools.partial(_step, model, inputs, targets) for name, model in built.items()}
+    inputs, targets = _common.make_batch(config, args.batch, args.seed, device)
+    steps = {name: functools.partial(_common.step, model, inputs, targets) for name, model in built.items()}
 
     # Identical weights and inputs must give identical losses; a broken harness shows here.
     losses = {name: step().item() for name, step in steps.items()}
@@ -315,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     results = _summarize(times, peaks, held, args.quiet_factor)
     report = {
         "benchmark": "wrapper overhead",
-        "command": " ".join([Path(sys.executable).name, *sys.orig_argv[1:]]),
+        "command": _common.command_line(),
         "environment": environment,
         "model": {"preset": preset, **dataclasses.asdict(config), "batch": args.batch, "dtype": str(dtype)},
         "rounds": args.rounds,
@@ -328,17 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         "goals": _goals(results, cuda),
     }
     print(_markdown(report, cuda))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    _common.write_json(args.out, report)
     _log(f"wrote {args.out}")
     return 0
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
 
 
 def _summarize(
@@ -347,7 +206,7 @@ def _summarize(
     medians = {name: statistics.median(values) for name, values in times.items()}
     configs: dict[str, dict[str, Any]] = {}
     for name in CONFIGS:
-        q1, q3 = _quartiles(times[name])
+        q1, q3 = _common.quartiles(times[name])
         entry: dict[str, Any] = {
             "median_s": medians[name],
             "q1_s": q1,
@@ -368,7 +227,7 @@ def _summarize(
     pairs = (("ckpt_wrapper", "functional"), ("ckpt_wrapper", "torch_wrapper"), ("torch_wrapper", "functional"))
     for name, other in pairs:
         ratios = [a / b for a, b in zip(times[name], times[other])]
-        q1, q3 = _quartiles(ratios)
+        q1, q3 = _common.quartiles(ratios)
         paired[f"{name}/{other}"] = {"median": statistics.median(ratios), "q1": q1, "q3": q3}
     # Other processes on a shared machine slow whichever configuration happens to run then; rounds where
     # every configuration ran near its own best are the ones that compare wrappers rather than load.
