@@ -172,9 +172,10 @@ class _HostCopy:
         self.d2h_done: Any = None
         self.h2d_done: Any = None
         self.prefetched: torch.Tensor | None = None
-        # The device copy, once backward holds it: a weak reference to the storage itself, so views of
-        # this storage unpacked later find it as long as any of them is alive.
-        self.restored: StorageWeakRef | None = None
+        # The device copy, once backward has asked for it. Held as long as this entry is, i.e. until the
+        # last saved view of the storage is released: the lifetime the storage had without offload, and
+        # a second node saving a view of it finds it here instead of copying it back again.
+        self.restored: torch.Tensor | None = None
 
     def __del__(self) -> None:
         # The graph that held this copy is gone (backward ran, or the forward was abandoned): the
@@ -225,13 +226,8 @@ class _Frame:
     def prefetch(self) -> None:
         for _, ref in self.copies.values():
             entry = ref()
-            if entry is not None and entry.prefetched is None and _alive(entry.restored) is None:
+            if entry is not None and entry.prefetched is None and entry.restored is None:
                 self.engine._copy_in(entry, prefetch=True)
-
-
-def _alive(ref: StorageWeakRef | None) -> torch.UntypedStorage | None:
-    """The storage ``ref`` points to, or None once it has been freed."""
-    return None if ref is None else torch.UntypedStorage._new_with_weak_ptr(ref.cdata)
 
 
 def _unpack(packed: Any) -> torch.Tensor:
@@ -304,7 +300,7 @@ class OffloadEngine:
                 "ckpt_wrapper: offload of a block in host memory has nothing to free; it runs without "
                 "offload. Pass cpu_copy=True to exercise the copies on CPU.",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=6,  # active_for, _wrapped_forward, forward, _call_impl, _wrapped_call_impl
             )
         return False
 
@@ -393,18 +389,16 @@ class OffloadEngine:
         return restored
 
     def _device_storage(self, entry: _HostCopy) -> torch.UntypedStorage:
-        storage = _alive(entry.restored)
-        if storage is not None:  # another view of this storage was unpacked already
-            return storage
+        if entry.restored is not None:  # another view of this storage was unpacked already
+            return entry.restored.untyped_storage()
         restored = entry.prefetched if entry.prefetched is not None else self._copy_in(entry, prefetch=False)
-        entry.prefetched = None  # from here on the backward's own references keep it alive
-        storage = restored.untyped_storage()
-        entry.restored = StorageWeakRef(storage)
+        entry.prefetched = None
+        entry.restored = restored
         if entry.device.type == "cuda":
             current = torch.cuda.current_stream(entry.device)
             current.wait_event(entry.h2d_done)
             restored.record_stream(current)
-        return storage
+        return restored.untyped_storage()
 
     def clear_cache(self) -> None:
         """Release the pool's cached host buffers (say, before a phase without offload)."""
