@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -129,8 +130,18 @@ def _refuse_double_checkpointing(model: nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} already checkpoints its layers itself (gradient_checkpointing=True on "
             f"{', '.join(enabled[:3])}{'...' if len(enabled) > 3 else ''}); wrapping it too would recompute every "
-            "block twice. Call model.gradient_checkpointing_disable() first, or keep HF's own and skip "
-            "apply_activation_checkpointing."
+            "block twice. Turn HF's off first (model.gradient_checkpointing_disable(), or "
+            "activation_checkpointing_disable() in newer transformers), or keep it and skip apply_activation_checkpointing."
+        )
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True and model.training:
+        # HF switches its cache off for its own checkpointing; a recompute would append to the cache again.
+        warnings.warn(
+            f"{type(model).__name__}.config.use_cache is True: in training, every recompute appends to the KV "
+            "cache again and the cache keeps each layer's keys and values alive. Set model.config.use_cache = False "
+            "for training with checkpointing.",
+            UserWarning,
+            stacklevel=3,
         )
 
 

@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -237,7 +236,7 @@ def _signature(block: nn.Module, args: tuple, kwargs: dict) -> str:
     return f"{type(block).__qualname__}{shapes}{hash(tuple(params)) & 0xffffff:x}"
 
 
-def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+def _least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -247,7 +246,7 @@ def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)  # noise on a shared machine only ever adds
 
 
 def _held(forward: Callable[[], Any], device: torch.device, measure: str, exclude: Any) -> int:
@@ -266,6 +265,7 @@ def plan(
     check_fn: Callable[[nn.Module], bool] | None = None,
     strategies: Sequence[str] | None = None,
     measure: Literal["held", "saved"] = "held",
+    cost: Literal["auto", "flops", "time"] = "auto",
     repeats: int = 3,
 ) -> Plan:
     """Choose per block the strategy that meets ``memory_budget`` at the least predicted step time.
@@ -276,14 +276,18 @@ def plan(
     Args:
         model: the unwrapped model, on the device it trains on.
         example_batch: what the model is called with: a tensor, a tuple (positional) or a dict (keywords).
-        memory_budget: bytes (an int above 1), or a fraction of the unwrapped activation memory (a float
-            in (0, 1]).
+        memory_budget: a fraction of the unwrapped activation memory (a number in (0, 1]), or bytes
+            (a number above 1).
         check_fn: which modules are blocks (a selector or ``module -> bool``); default: the children of
             the model's largest ``ModuleList``.
         strategies: restrict the candidates (default ``block_strategies(block)``).
         measure: ``held`` (allocator bytes held after forward: counts everything) or ``saved``
             (autograd saves only; deterministic, for tests).
-        repeats: timing repeats on CUDA.
+        cost: what a strategy costs: ``flops`` (extra FLOPs: deterministic, but blind to Python dispatch
+            and elementwise recompute), ``time`` (measured extra seconds, least of ``repeats``), or
+            ``auto``: time on CUDA; on CPU extra FLOPs plus any measured time beyond what those FLOPs
+            explain (selective checkpointing's per-op dispatch, hooks), in FLOP-equivalents.
+        repeats: timing repeats (the least is taken).
 
     Returns:
         The ``Plan``; ``print(plan)`` shows the table.
@@ -294,17 +298,19 @@ def plan(
     """
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
         raise ValueError(f"memory_budget must be a fraction in (0, 1] or a number of bytes > 1, got {memory_budget!r}")
+    if cost not in ("auto", "flops", "time"):
+        raise ValueError(f"cost must be 'auto', 'flops' or 'time', got {cost!r}")
     if dist.is_initialized() and dist.get_world_size() > 1:
         payload = [None]
         if dist.get_rank() == 0:
-            payload = [_plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, repeats).to_json()]
+            payload = [_plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, cost, repeats).to_json()]
         dist.broadcast_object_list(payload, src=0)
         return Plan.from_json(payload[0])
-    return _plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, repeats)
+    return _plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, cost, repeats)
 
 
 def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_fn: Any, strategies: Any,
-               measure: str, repeats: int) -> Plan:
+               measure: str, cost: str, repeats: int) -> Plan:
     from ckpt_wrapper.select import BlockSelector, _walk
 
     param = next(model.parameters(), None)
@@ -336,14 +342,17 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
 
     unwrapped = _held(lambda: _call(model, batch), device, measure, list(model.parameters()))
     step = lambda: _scalar(_call(model, batch)).backward()
-    if device.type == "cuda":
-        cost_unit, step_seconds = "seconds", _median_seconds(step, device, repeats)
-        model_flops = 0
-    else:
-        cost_unit = "flops"
+    if cost == "auto":
+        cost = "time" if device.type == "cuda" else "flops+overhead"
+    cost_unit = "seconds" if cost == "time" else "flops"
+    # Profiling runs backward on the user's model: their gradients are put back afterwards.
+    grads = {p: p.grad for p in model.parameters()}
+    try:
         model_flops = step_flops(step)
-        step_seconds = _median_seconds(step, device, repeats)
-    model.zero_grad(set_to_none=True)
+        step_seconds = _least_seconds(step, device, repeats)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
 
     profile: dict[str, dict[str, tuple[int, float]]] = {}
     options: list[list[tuple[str, int, float, int]]] = []  # per block: (strategy, held, cost, saving)
@@ -351,7 +360,8 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
         args, kwargs = inputs[name]
         key = _signature(block, args, kwargs)
         if key not in profile:
-            profile[key] = _profile_block(block, args, kwargs, strategies, device, measure, repeats, cost_unit)
+            profile[key] = _profile_block(block, args, kwargs, strategies, device, measure, repeats, cost,
+                                          step_seconds / max(model_flops, 1))
         table = profile[key]
         base = table["none"][0]
         input_bytes = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves((args, kwargs))
@@ -362,7 +372,7 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
             rows.append((strategy, held, cost, saving))
         options.append(rows)
 
-    budget = int(memory_budget * unwrapped) if memory_budget <= 1 and isinstance(memory_budget, float) else int(memory_budget)
+    budget = int(memory_budget * unwrapped) if memory_budget <= 1 else int(memory_budget)
     chosen = _choose(options, unwrapped, budget)
     entries = [PlanEntry(name, s, held, cost) for (name, _), (s, held, cost, _) in zip(blocks, chosen)]
     predicted_bytes = unwrapped - sum(row[3] for row in chosen)
@@ -374,21 +384,33 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
 
 
 def _profile_block(block: nn.Module, args: tuple, kwargs: dict, strategies: Sequence[str] | None,
-                   device: torch.device, measure: str, repeats: int, cost_unit: str) -> dict[str, tuple[int, float]]:
-    table: dict[str, tuple[int, float]] = {}
+                   device: torch.device, measure: str, repeats: int, cost: str,
+                   seconds_per_flop: float) -> dict[str, tuple[int, float]]:
     names = list(strategies) if strategies is not None else block_strategies(block, device=device)
     if "none" not in names:
         names.insert(0, "none")
+    measured: dict[str, tuple[int, float, float]] = {}
     for strategy in names:
         trial = copy.deepcopy(block)
         apply_strategy(trial, strategy)
         forward = lambda: trial(*args, **kwargs)
         step = lambda: _scalar(trial(*args, **kwargs)).backward()
         held = _held(forward, device, measure, list(trial.parameters()))
-        cost = _median_seconds(step, device, repeats) if cost_unit == "seconds" else float(step_flops(step))
-        table[strategy] = (held, cost)
-    base_cost = table["none"][1]
-    return {s: (held, max(cost - base_cost, 0.0)) for s, (held, cost) in table.items()}
+        flops = float(step_flops(step)) if cost != "time" else 0.0
+        seconds = _least_seconds(step, device, repeats) if cost != "flops" else 0.0
+        measured[strategy] = (held, flops, seconds)
+    _, base_flops, base_seconds = measured["none"]
+    table: dict[str, tuple[int, float]] = {}
+    for strategy, (held, flops, seconds) in measured.items():
+        extra_flops, extra_seconds = max(flops - base_flops, 0.0), max(seconds - base_seconds, 0.0)
+        if cost == "time":
+            table[strategy] = (held, extra_seconds)
+        elif cost == "flops":
+            table[strategy] = (held, extra_flops)
+        else:  # FLOPs, plus the time those FLOPs do not explain, in FLOP-equivalents
+            unexplained = max(extra_seconds - extra_flops * seconds_per_flop, 0.0)
+            table[strategy] = (held, extra_flops + unexplained / max(seconds_per_flop, 1e-30))
+    return table
 
 
 def _choose(options: list[list[tuple[str, int, float, int]]], unwrapped: int, budget: int) -> list[tuple[str, int, float, int]]:

@@ -62,7 +62,9 @@ class _Policy:
 
     def __init__(self, save: frozenset, every_other_matmul: bool, user: Callable[..., Any] | None) -> None:
         self.save, self.every_other_matmul, self.user = save, every_other_matmul, user
-        self.matmuls = 0
+        # Separate counts for forward and recompute: releases that consult the policy again during
+        # recompute (ctx.is_recompute) must see the same sequence of decisions.
+        self.matmuls = {False: 0, True: 0}
 
     def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if self.user is not None:
@@ -72,8 +74,9 @@ class _Policy:
             return CheckpointPolicy.MUST_SAVE if decision else CheckpointPolicy.PREFER_RECOMPUTE
         if op in self.save:
             if self.every_other_matmul and op in (_aten.mm.default, _aten.addmm.default):
-                self.matmuls += 1
-                if self.matmuls % 2 == 0:
+                phase = bool(getattr(ctx, "is_recompute", False))
+                self.matmuls[phase] += 1
+                if self.matmuls[phase] % 2 == 0:
                     return CheckpointPolicy.PREFER_RECOMPUTE
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
