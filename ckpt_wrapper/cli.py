@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 from types import ModuleType
 
-from ckpt_wrapper import demo
+from ckpt_wrapper import bench, demo
 from ckpt_wrapper.testing import command as parity_command
 
 __all__ = ["build_parser", "main"]
@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 # name -> (module, one-line help). bench and plan join here as they are written.
 _COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "demo": (demo, "train a small GPT with checkpointing under FSDP2; check gradients against an unwrapped model"),
+    "bench": (bench, "step time against activation memory: no checkpointing, full, selective, offload, plans, PyTorch's tools"),
     "parity": (parity_command, "prove a checkpointed, sharded model trains exactly like a reference (under torchrun)"),
 }
 

@@ -1,0 +1,11 @@
+"""Glue for training frameworks, each imported only when used (ckpt_wrapper itself needs none of them).
+
+- ``ckpt_wrapper.integrations.accelerate``: checkpoint before ``accelerator.prepare`` so accelerate's FSDP
+  plugin (versions 1 and 2) still finds the blocks; refuses to stack on accelerate's own checkpointing.
+  Needs ``pip install ckpt_wrapper[accelerate]``.
+
+HF transformers models need no glue: select their blocks by class name
+(``by_class_name("LlamaDecoderLayer")``); see ``docs/transformers.md``.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,70 @@
+"""``ckpt-wrapper bench`` runs end to end on a tiny model and writes a complete table, JSON and plot."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+
+import pytest
+
+from ckpt_wrapper import cli
+from ckpt_wrapper.bench import BenchOptions, run
+
+_TINY = ["--device", "cpu", "--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "16",
+         "--vocab-size", "64", "--batch", "2", "--threads", "1", "--no-reexec"]
+
+
+def test_bench_writes_every_configuration(tmp_path) -> None:
+    """A failure means the command lost a configuration, a field, or one of its output files."""
+    out = tmp_path / "bench"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = cli.main(["bench", *_TINY, "--rounds", "1", "--warmup", "0", "--budgets", "0.9,0.6",
+                           "--out-dir", str(out)])
+    assert status == 0
+    report = json.loads((out / "bench.json").read_text())
+    expected = {"none", "ckpt_full", "torch_full", "ckpt_sac_matmuls", "torch_sac_matmuls", "ckpt_sac_titan",
+                "torch_sac_titan", "ckpt_cheap", "torch_first1", "torch_first1+sac_matmuls", "torch_first1+sac_titan"}
+    assert expected <= set(report["configs"])
+    assert {"plan_0.9", "plan_0.6"} == set(report["plans"])
+    for name, entry in report["configs"].items():
+        assert entry["median_s"] > 0 and entry["time_ratio"] > 0, name
+        assert entry["held_after_forward_bytes"] >= 0 and entry["memory_ratio"] >= 0, name
+        assert entry["extra_flops"] >= 0 or entry["family"] == "baseline", name
+    assert report["configs"]["none"]["time_ratio"] == 1.0
+    assert report["configs"]["ckpt_full"]["extra_flops"] > 0  # full checkpointing recomputes every block
+    for name, plan in report["plans"].items():
+        if plan["feasible"]:  # a plan at 0.9 of the memory always exists (all blocks unwrapped is within it)
+            assert name in report["configs"]
+            assert plan["predicted_seconds"] > 0 and plan["time_error"] >= 0
+            assert isinstance(plan["held_within_budget"], bool)
+    assert report["plans"]["plan_0.9"]["feasible"]
+    assert report["goals"] and all({"goal", "value", "met"} <= set(goal) for goal in report["goals"])
+    assert (out / "plans" / "plan_0.9.json").exists()
+
+    markdown = (out / "bench.md").read_text()
+    for name in report["configs"]:
+        assert f"| {name} |" in markdown
+    assert markdown.strip() in stdout.getvalue()
+    assert "round 1/1" in stderr.getvalue()  # progress goes to stderr
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib is not installed" in stderr.getvalue()
+
+
+def test_bench_configs_filter_and_errors(tmp_path) -> None:
+    """``--configs`` keeps ``none`` plus the matches; a pattern matching nothing is a usage error."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run(BenchOptions(device="cpu", n_layer=2, d_model=32, n_head=2, seq_len=16, vocab_size=64, batch=2,
+                         threads=1, rounds=1, warmup=0, configs=("torch_sac_*",), out_dir=str(tmp_path)))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["configs"]) == {"none", "torch_sac_matmuls", "torch_sac_titan"}
+    with pytest.raises(ValueError, match="match no configuration"):
+        with contextlib.redirect_stderr(io.StringIO()):
+            run(BenchOptions(device="cpu", n_layer=2, d_model=32, n_head=2, seq_len=16, vocab_size=64,
+                             threads=1, configs=("nope",), out_dir=str(tmp_path)))
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        cli.main(["bench", "--device", "cpu", "--budgets", "1.5"])
