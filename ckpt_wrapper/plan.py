@@ -37,8 +37,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ckpt_wrapper.measure import SavedBytes, held_after_forward, step_flops
+from ckpt_wrapper.measure import held_after_forward, step_flops
 from ckpt_wrapper.recompute import cheap_modules, cheap_recompute_wrapper
 from ckpt_wrapper.selective import checkpoint_regions, region_candidates, selective_context_fn
 from ckpt_wrapper.wrapper import checkpoint_wrapper
@@ -83,13 +85,15 @@ class Plan:
         from ckpt_wrapper.offload import OffloadEngine
 
         engine = OffloadEngine()  # one pool for every offloading block, so backward can prefetch
-        wrapped: list[str] = []
-        for entry in self.entries:
+        blocks = []
+        for entry in self.entries:  # resolve every block first: a failed apply must leave the model as it was
             try:
-                block = model.get_submodule(entry.name)
+                blocks.append(model.get_submodule(entry.name))
             except AttributeError:
                 raise ValueError(f"the plan names block {entry.name!r}, which this model does not have; "
                                  "plan and model must match") from None
+        wrapped: list[str] = []
+        for entry, block in zip(self.entries, blocks):
             wrapped += apply_strategy(block, entry.strategy, fqn=entry.name, engine=engine)
         return wrapped
 
@@ -109,9 +113,12 @@ class Plan:
         data = json.loads(text)
         if not isinstance(data, dict) or data.pop("ckpt_wrapper_plan", None) != 1:
             raise ValueError("not a ckpt_wrapper plan (expected the JSON written by Plan.to_json / Plan.save)")
-        data["entries"] = [PlanEntry(**e) for e in data["entries"]]
-        data["profile"] = {k: {s: tuple(v) for s, v in d.items()} for k, d in data.get("profile", {}).items()}
-        return cls(**data)
+        try:
+            data["entries"] = [PlanEntry(**e) for e in data["entries"]]
+            data["profile"] = {k: {s: tuple(v) for s, v in d.items()} for k, d in data.get("profile", {}).items()}
+            return cls(**data)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed ckpt_wrapper plan ({error}); expected the JSON written by Plan.to_json") from None
 
     def save(self, path: str) -> None:
         """Write the plan to ``path`` as JSON."""
@@ -250,11 +257,33 @@ def _least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) ->
 
 
 def _held(forward: Callable[[], Any], device: torch.device, measure: str, exclude: Any) -> int:
-    if measure == "saved":  # deterministic, but blind to what inner hooks keep: tests only
-        with SavedBytes(exclude=exclude) as saved:
-            forward()
-        return saved.bytes
+    if measure == "saved":  # deterministic: storages made by forward and still alive after it
+        return _live_bytes(forward, exclude)
     return held_after_forward(forward, device=device)
+
+
+class _StorageTracker(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[StorageWeakRef] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.refs += [StorageWeakRef(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _live_bytes(forward: Callable[[], Any], exclude: Any) -> int:
+    # SavedBytes sees only the outermost pack hook: what cheap recompute, SAC caches and checkpoints keep
+    # would look free. Storages created by forward and alive after it are everything it keeps.
+    with _StorageTracker() as tracker:
+        output = forward()
+    skip = {StorageWeakRef(t.untyped_storage()).cdata
+            for t in torch.utils._pytree.tree_leaves((output, list(exclude))) if isinstance(t, torch.Tensor)}
+    alive = {ref.cdata: torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+             for ref in tracker.refs if not ref.expired() and ref.cdata not in skip}
+    return sum(alive.values())
 
 
 def plan(
@@ -281,8 +310,9 @@ def plan(
         check_fn: which modules are blocks (a selector or ``module -> bool``); default: the children of
             the model's largest ``ModuleList``.
         strategies: restrict the candidates (default ``block_strategies(block)``).
-        measure: ``held`` (allocator bytes held after forward: counts everything) or ``saved``
-            (autograd saves only; deterministic, for tests).
+        measure: ``held`` (allocator bytes held after forward: counts everything, with allocator noise)
+            or ``saved`` (bytes of the storages forward created that are still alive after it: exact and
+            deterministic, CPU or CUDA).
         cost: what a strategy costs: ``flops`` (extra FLOPs: deterministic, but blind to Python dispatch
             and elementwise recompute), ``time`` (measured extra seconds, least of ``repeats``), or
             ``auto``: time on CUDA; on CPU extra FLOPs plus any measured time beyond what those FLOPs
@@ -296,16 +326,27 @@ def plan(
         ValueError: if no choice of strategies fits the budget (the message says the least memory
             reachable), or for a budget out of range.
     """
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
+    if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+            or not math.isfinite(memory_budget) or memory_budget <= 0):
         raise ValueError(f"memory_budget must be a fraction in (0, 1] or a number of bytes > 1, got {memory_budget!r}")
     if cost not in ("auto", "flops", "time"):
         raise ValueError(f"cost must be 'auto', 'flops' or 'time', got {cost!r}")
+    if measure not in ("held", "saved"):
+        raise ValueError(f"measure must be 'held' or 'saved', got {measure!r}")
     if dist.is_initialized() and dist.get_world_size() > 1:
-        payload = [None]
+        payload: list[Any] = [None]
         if dist.get_rank() == 0:
-            payload = [_plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, cost, repeats).to_json()]
+            try:
+                payload = [("plan", _plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, cost,
+                                               repeats).to_json())]
+            except BaseException as error:  # every rank must leave the broadcast, with the same outcome
+                dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0)
+                raise
         dist.broadcast_object_list(payload, src=0)
-        return Plan.from_json(payload[0])
+        kind, text = payload[0]
+        if kind == "error":
+            raise (ValueError if text.startswith("ValueError: ") else RuntimeError)(f"rank 0 failed to plan: {text}")
+        return Plan.from_json(text)
     return _plan_here(model, example_batch, memory_budget, check_fn, strategies, measure, cost, repeats)
 
 
@@ -326,19 +367,39 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
 
     inputs: dict[str, tuple[tuple, dict]] = {}
 
-    def capture(name: str) -> Callable[..., None]:
+    needs_grad: dict[str, list[bool]] = {}
+
+    def flags(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            detach = lambda t: t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-            inputs.setdefault(name, torch.utils._pytree.tree_map(detach, (args, kwargs)))
+            needs_grad.setdefault(name, [isinstance(t, torch.Tensor) and t.requires_grad
+                                         for t in torch.utils._pytree.tree_leaves((args, kwargs))])
         return hook
 
-    handles = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, m in blocks]
-    try:
-        with torch.no_grad():
-            _call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name in inputs:
+                return
+            leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+            caches = [type(x).__name__ for x in leaves if type(x).__name__.endswith("Cache")]
+            if caches:
+                raise ValueError(f"block {name} is called with a {caches[0]}: a recomputed block would update it "
+                                 "twice. Plan (and train) with use_cache=False in the batch.")
+            # Inputs require grad as they do in the model (rotary cos/sin do not: making them require grad
+            # inflates what the unwrapped block saves); other state is snapshotted as the block saw it.
+            leaves = [t.detach().clone().requires_grad_(g) if isinstance(t, torch.Tensor) else copy.deepcopy(t)
+                      for t, g in zip(leaves, needs_grad[name])]
+            inputs[name] = torch.utils._pytree.tree_unflatten(leaves, spec)
+        return hook
+
+    # Which inputs require grad is only known with grad on; the copies are taken with it off.
+    for make_hook, grad_mode in ((flags, torch.enable_grad), (capture, torch.no_grad)):
+        handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in blocks]
+        try:
+            with grad_mode():
+                _call(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
 
     unwrapped = _held(lambda: _call(model, batch), device, measure, list(model.parameters()))
     step = lambda: _scalar(_call(model, batch)).backward()
@@ -347,6 +408,8 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
     cost_unit = "seconds" if cost == "time" else "flops"
     # Profiling runs backward on the user's model: their gradients are put back afterwards.
     grads = {p: p.grad for p in model.parameters()}
+    for p in grads:  # backward accumulates into an existing .grad in place: start from none
+        p.grad = None
     try:
         model_flops = step_flops(step)
         step_seconds = _least_seconds(step, device, repeats)
@@ -393,8 +456,10 @@ def _profile_block(block: nn.Module, args: tuple, kwargs: dict, strategies: Sequ
     for strategy in names:
         trial = copy.deepcopy(block)
         apply_strategy(trial, strategy)
-        forward = lambda: trial(*args, **kwargs)
-        step = lambda: _scalar(trial(*args, **kwargs)).backward()
+        fresh = lambda: torch.utils._pytree.tree_map(
+            lambda x: x if isinstance(x, torch.Tensor) else copy.deepcopy(x), (args, kwargs))
+        forward = lambda: (lambda a, k: trial(*a, **k))(*fresh())
+        step = lambda: _scalar(forward()).backward()
         held = _held(forward, device, measure, list(trial.parameters()))
         flops = float(step_flops(step)) if cost != "time" else 0.0
         seconds = _least_seconds(step, device, repeats) if cost != "flops" else 0.0

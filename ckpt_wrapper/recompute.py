@@ -110,20 +110,43 @@ class _Recorder:
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if type(tensor) is not torch.Tensor:
-            return tensor
+            return _Kept(tensor)
         found = self.outputs.get(StorageWeakRef(tensor.untyped_storage()))
         # The stored key, not a new one: a dead storage's address may have been handed out again.
         if found is None or found[0].expired() or found[4] != tensor._version:
-            return tensor
+            return _Kept(tensor)
         _, module, weak_args, autocast, _ = found
         args = tuple(a() if isinstance(a, weakref.ref) else a for a in weak_args)
         if any(a is None for a in args):
-            return tensor
+            return _Kept(tensor)
         return _Recipe(module, args, autocast, tensor)
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
-        return packed.rebuild() if isinstance(packed, _Recipe) else packed
+        return packed.rebuild() if isinstance(packed, _Recipe) else packed.unpack()
+
+
+class _Kept:
+    """A tensor saved as it is, with its version at save time.
+
+    Autograd skips its in-place check for every tensor that goes through saved-tensor hooks
+    (SavedVariable::unpack only checks versions without hooks), so the check is done here.
+    """
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.version = tensor, tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{self.tensor.type()} {list(self.tensor.shape)}] is at version {self.tensor._version}; expected "
+                f"version {self.version} instead (checked by ckpt_wrapper's cheap_recompute_wrapper, whose "
+                "saved-tensor hooks replace autograd's own check)."
+            )
+        return self.tensor
 
 
 @_register_kind

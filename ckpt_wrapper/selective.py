@@ -104,6 +104,18 @@ class _SelectiveContext:
                 raise TypeError(f"a selective op list holds aten op overloads such as torch.ops.aten.mm.default; got {bad[:3]}")
             self.save = frozenset(ops)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # OpOverloads do not pickle: store each as (namespace, op name, overload name).
+        state = dict(self.__dict__)
+        state["save"] = sorted((op.namespace, op._opname, op._overloadname) for op in self.save)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["save"] = frozenset(
+            getattr(getattr(getattr(torch.ops, namespace), name), overload) for namespace, name, overload in state["save"]
+        )
+        self.__dict__.update(state)
+
     def __call__(self) -> tuple[Any, Any]:
         return create_selective_checkpoint_contexts(_Policy(self.save, self.every_other_matmul, self.user))
 

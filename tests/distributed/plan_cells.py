@@ -1,0 +1,82 @@
+"""Tasks the rank pool runs for the planner tests: plan under a 2-rank gloo group, then train under FSDP2.
+
+Each function runs on every rank inside an initialized process group and returns something small and
+picklable (JSON text, bools, strings) for the test to compare across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import ckpt_wrapper
+from ckpt_wrapper import Plan, PlanEntry
+from ckpt_wrapper.models import GPT, GPTConfig
+
+SMALL = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16, vocab_size=64)
+MIXED_STRATEGIES = ["cheap+regions:attn", "sac:titan", "full"]
+"""One block each: a composition, an op-level policy and the plain checkpoint."""
+
+
+def _model(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(SMALL)
+
+
+def _tokens(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, SMALL.vocab_size, (2, SMALL.seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def plan_per_rank(budgets: list[float], seeds: list[int], measure: str = "held") -> dict[str, Any]:
+    """Plan with this rank's own budget and model seed; return the plan and what this rank asked for."""
+    rank = dist.get_rank()
+    model = _model(seeds[rank])
+    tokens, _ = _tokens(1000 + rank)
+    plan = ckpt_wrapper.plan(model, tokens, memory_budget=budgets[rank], measure=measure, repeats=1)
+    return {"json": plan.to_json(), "budget_fraction_asked": budgets[rank],
+            "budget_fraction_got": plan.budget_bytes / plan.unwrapped_bytes}
+
+
+def plan_infeasible() -> str:
+    """Plan with a budget nothing reaches; return the ValueError's message (any other outcome raises)."""
+    model = _model(0)
+    tokens, _ = _tokens(1000)
+    try:
+        ckpt_wrapper.plan(model, tokens, memory_budget=0.001, measure="saved", cost="flops", repeats=1)
+    except ValueError as error:
+        return str(error)
+    raise AssertionError("an infeasible budget returned a plan")
+
+
+def plan_then_fsdp2_step(which: str, budget: float = 0.6) -> dict[str, Any]:
+    """Plan (collectively) or build a mixed plan, apply it, shard blocks and root with ``fully_shard``, run
+    one training step beside the same model unwrapped and sharded the same way; compare bitwise."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = _model(0)
+    tokens, targets = _tokens(2000 + dist.get_rank())  # each rank its own data, as in training
+    if which == "planned":
+        plan = ckpt_wrapper.plan(base, tokens, memory_budget=budget, repeats=1)
+    else:
+        plan = Plan(entries=[PlanEntry(f"layers.{i}", s, 0, 0.0) for i, s in enumerate(MIXED_STRATEGIES)],
+                    budget_bytes=1, unwrapped_bytes=1, predicted_bytes=1, step_seconds=0.0, predicted_seconds=0.0,
+                    cost_unit="flops")
+    reference, model = copy.deepcopy(base), copy.deepcopy(base)
+    wrapped = plan.apply(model)
+    losses, grads = [], []
+    for m in (reference, model):
+        for layer in m.layers:
+            fully_shard(layer)
+        fully_shard(m)
+        loss = m.loss(tokens, targets)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad.full_tensor() for name, p in m.named_parameters()})
+    dist.barrier()
+    differ = [name for name in grads[0] if not torch.equal(grads[0][name], grads[1][name])]
+    return {"json": plan.to_json(), "wrapped": wrapped, "strategies": [e.strategy for e in plan.entries],
+            "loss_equal": bool(torch.equal(losses[0], losses[1])), "grads_differ": differ}

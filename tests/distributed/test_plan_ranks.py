@@ -1,0 +1,66 @@
+"""The planner under torch.distributed: rank 0 plans, every rank applies the same plan, FSDP2 trains.
+
+Different plans on different ranks would make FSDP2's collectives disagree and hang, so every rank must
+return rank 0's plan, whatever its own model or arguments would have given. The tasks live in
+``plan_cells.py`` and run on the module's 2-rank gloo pool; a failure message carries every rank's
+traceback. The infeasible-budget test runs last: if a rank hangs, the pool is killed with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import plan_cells
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_every_rank_gets_rank_0s_plan(pool2) -> None:
+    """Planned under a 2-rank group, both ranks return the identical plan (JSON equal, timings included).
+
+    A failure means ranks plan on their own and may choose differently (then FSDP hangs or diverges).
+    """
+    results = pool2.run(plan_cells.plan_per_rank, [0.6, 0.6], [0, 0])
+    assert results[0]["json"] == results[1]["json"]
+
+
+def test_rank_1_returns_rank_0s_plan_even_when_its_model_and_budget_differ(pool2) -> None:
+    """Rank 1 builds a differently seeded model and asks for 0.9 of its memory; rank 0 asks for 0.5. Both
+    return rank 0's plan: identical JSON, whose budget is rank 0's 0.5 of unwrapped.
+
+    A failure means rank 1's own measurements or arguments leak into its plan: rank 0 does not decide.
+    """
+    results = pool2.run(plan_cells.plan_per_rank, [0.5, 0.9], [0, 1])
+    assert results[0]["json"] == results[1]["json"]
+    assert results[1]["budget_fraction_got"] == pytest.approx(0.5, abs=1e-3), results[1]
+
+
+@pytest.mark.parametrize("which", ["planned", "mixed"])
+def test_applied_plan_trains_under_fsdp2_bitwise_like_unwrapped(pool2, which) -> None:
+    """The plan (broadcast from rank 0, or a hand-made mix of cheap+regions, sac:titan and full) applied
+    before ``fully_shard`` on every block and the root: one training step finishes on both ranks without
+    hanging, with the same loss and bitwise the same gathered gradients as the unwrapped sharded model.
+
+    A failure or timeout means a strategy does not compose with FSDP2's class swap and hooks (or ranks
+    applied different plans and a collective deadlocked).
+    """
+    results = pool2.run(plan_cells.plan_then_fsdp2_step, which, timeout=120)
+    assert results[0]["json"] == results[1]["json"]
+    for rank, result in enumerate(results):
+        assert result["wrapped"], f"rank {rank}: the plan wrapped nothing: {result['strategies']}"
+        assert result["loss_equal"], f"rank {rank}: loss differs"
+        assert result["grads_differ"] == [], f"rank {rank}: gradients differ: {result['grads_differ']}"
+    if which == "mixed":
+        assert results[0]["strategies"] == plan_cells.MIXED_STRATEGIES
+
+
+@pytest.mark.timeout(90)
+def test_infeasible_budget_raises_value_error_on_every_rank_without_hanging(pool2) -> None:
+    """A budget no plan fits raises a ``ValueError`` saying the least reachable memory on every rank.
+
+    A failure (a timeout) means rank 0 raised before the broadcast and left rank 1 waiting in
+    ``broadcast_object_list`` forever: a job-wide hang instead of an error. Runs last: a hang kills the pool.
+    """
+    messages = pool2.run(plan_cells.plan_infeasible, timeout=20)
+    for rank, message in enumerate(messages):
+        assert "least activation memory reachable" in message, f"rank {rank}: {message}"
