@@ -8,6 +8,8 @@ their own models the same way:
   activations alive: autograd saves, selective-checkpoint caches, offload buffers.
 - ``SavedBytes``: bytes that reach autograd's pack hook, parameters excluded. Cheap and exact for
   what it sees, but blind to anything packed by an inner hook (the checkpoint's own, say).
+- ``live_bytes_after_forward``: bytes of the storages forward created that are still alive after it:
+  exact and deterministic on any device, and it sees what inner hooks keep.
 - ``step_flops``: FLOPs of forward plus backward, so recompute shows up as extra forward FLOPs.
 
 Example:
@@ -29,9 +31,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["SavedBytes", "held_after_forward", "step_flops", "host_allocated_bytes"]
+__all__ = ["SavedBytes", "held_after_forward", "live_bytes_after_forward", "step_flops", "host_allocated_bytes"]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -102,6 +106,42 @@ def held_after_forward(forward: Callable[[], Any], *, device: torch.device | str
         del output
         best = held if best is None else min(best, held)
     return max(best or 0, 0)
+
+
+class _StorageTracker(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[StorageWeakRef] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.refs += [StorageWeakRef(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor)]
+        return out
+
+
+def live_bytes_after_forward(forward: Callable[[], Any], *, exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the storages ``forward()`` created that are still alive after it, each counted once.
+
+    The output's storages and those of ``exclude`` (pass the parameters: ``weight.t()`` is a view of
+    one) are not counted. Unlike ``SavedBytes`` it sees what checkpoints, selective-checkpoint caches and
+    other inner hooks keep; unlike ``held_after_forward`` it has no allocator noise.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper.measure import live_bytes_after_forward
+        >>> layer = torch.nn.Linear(16, 16)
+        >>> x = torch.randn(4, 16, requires_grad=True)
+        >>> live_bytes_after_forward(lambda: torch.nn.functional.gelu(layer(x)), exclude=layer.parameters())
+        256
+    """
+    with _StorageTracker() as tracker:
+        output = forward()
+    skip = {StorageWeakRef(t.untyped_storage()).cdata
+            for t in torch.utils._pytree.tree_leaves((output, list(exclude))) if isinstance(t, torch.Tensor)}
+    alive = {ref.cdata: torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+             for ref in tracker.refs if not ref.expired() and ref.cdata not in skip}
+    return sum(alive.values())
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):

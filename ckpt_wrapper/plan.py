@@ -37,10 +37,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ckpt_wrapper.measure import held_after_forward, step_flops
+from ckpt_wrapper.measure import held_after_forward, live_bytes_after_forward, step_flops
 from ckpt_wrapper.recompute import cheap_modules, cheap_recompute_wrapper
 from ckpt_wrapper.selective import checkpoint_regions, region_candidates, selective_context_fn
 from ckpt_wrapper.wrapper import checkpoint_wrapper
@@ -258,32 +256,8 @@ def _least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) ->
 
 def _held(forward: Callable[[], Any], device: torch.device, measure: str, exclude: Any) -> int:
     if measure == "saved":  # deterministic: storages made by forward and still alive after it
-        return _live_bytes(forward, exclude)
+        return live_bytes_after_forward(forward, exclude=exclude)
     return held_after_forward(forward, device=device)
-
-
-class _StorageTracker(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.refs: list[StorageWeakRef] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        self.refs += [StorageWeakRef(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves(out)
-                      if isinstance(t, torch.Tensor)]
-        return out
-
-
-def _live_bytes(forward: Callable[[], Any], exclude: Any) -> int:
-    # SavedBytes sees only the outermost pack hook: what cheap recompute, SAC caches and checkpoints keep
-    # would look free. Storages created by forward and alive after it are everything it keeps.
-    with _StorageTracker() as tracker:
-        output = forward()
-    skip = {StorageWeakRef(t.untyped_storage()).cdata
-            for t in torch.utils._pytree.tree_leaves((output, list(exclude))) if isinstance(t, torch.Tensor)}
-    alive = {ref.cdata: torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
-             for ref in tracker.refs if not ref.expired() and ref.cdata not in skip}
-    return sum(alive.values())
 
 
 def plan(

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
+
+from ckpt_wrapper.measure import live_bytes_after_forward  # noqa: F401  (re-exported for the tests)
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -52,37 +53,6 @@ def recomputed_ops(wrapped_loss: Callable[[], torch.Tensor], reference_loss: Cal
     """Per op, how many more times it ran in the wrapped model's backward than in the reference's."""
     wrapped, reference = backward_op_counts(wrapped_loss), backward_op_counts(reference_loss)
     return {op: wrapped[op] - reference[op] for op in set(wrapped) | set(reference) if wrapped[op] != reference[op]}
-
-
-class _StorageTracker(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.refs: list[StorageWeakRef] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for leaf in pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.refs.append(StorageWeakRef(leaf.untyped_storage()))
-        return out
-
-
-def live_bytes_after_forward(forward: Callable[[], Any], *, exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of storages made by ``forward()`` and still alive after it, each storage counted once.
-
-    The output's storages and those of ``exclude`` (pass the parameters: ``weight.t()`` is a view of
-    one) are not counted. The output is dropped before returning.
-    """
-    with _StorageTracker() as tracker:
-        output = forward()
-    skip = {StorageWeakRef(t.untyped_storage()).cdata
-            for t in pytree.tree_leaves((output, list(exclude))) if isinstance(t, torch.Tensor)}
-    alive: dict[int, int] = {}
-    for ref in tracker.refs:
-        if not ref.expired() and ref.cdata not in skip:
-            alive[ref.cdata] = torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
-    del output
-    return sum(alive.values())
 
 
 def mallinfo2_available() -> bool:
