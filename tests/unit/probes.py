@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from ckpt_wrapper.measure import live_bytes_after_forward  # noqa: F401  (re-exported for the tests)
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
