@@ -13,6 +13,8 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -117,15 +119,12 @@ class RankPool:
                 proc.join(timeout=10)
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240.0, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+def torchrun(nproc: int, *args: str, timeout: float = 240.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m torch.distributed.run --nproc_per_node nproc ARGS`` on a free port; output captured.
 
     Raises:
         subprocess.TimeoutExpired: after ``timeout`` seconds (the launcher and its ranks are killed).
     """
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ with a ``TorchDispatchMode``: only ``native_layer_norm`` and ``gelu``, never a m
 from __future__ import annotations
 
 import copy
-import dataclasses
+
 
 import pytest
 import torch
