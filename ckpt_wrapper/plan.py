@@ -299,6 +299,15 @@ def plan(
     Raises:
         ValueError: if no choice of strategies fits the budget (the message says the least memory
             reachable), or for a budget out of range.
+
+    Example:
+        >>> import torch
+        >>> import ckpt_wrapper
+        >>> from ckpt_wrapper.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(n_layer=2, d_model=32, n_head=4, seq_len=16, vocab_size=64))
+        >>> p = ckpt_wrapper.plan(model, torch.randint(0, 64, (2, 16)), memory_budget=0.3, measure="saved", cost="flops")
+        >>> p.predicted_bytes <= p.budget_bytes, len(p.entries)
+        (True, 2)
     """
     if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
             or not math.isfinite(memory_budget) or memory_budget <= 0):

@@ -190,6 +190,15 @@ def cheap_recompute_wrapper(module: nn.Module, *, modules: Iterable[str] | None 
 
     Raises:
         ValueError: if a name is not a submodule, or the block has no cheap module at all.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper import cheap_recompute_wrapper
+        >>> from ckpt_wrapper.models import Block, GPTConfig
+        >>> block = cheap_recompute_wrapper(Block(GPTConfig(d_model=32, n_head=4)))
+        >>> block(torch.randn(2, 8, 32, requires_grad=True)).sum().backward()
+        >>> block.recompute_modules
+        ['ln_1', 'ln_2', 'mlp.act']
     """
     names = list(modules) if modules is not None else cheap_modules(module)
     known = {name for name, _ in module.named_modules()}

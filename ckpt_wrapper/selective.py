@@ -161,6 +161,13 @@ def apply_selective_checkpointing(
 
     Returns:
         The fully qualified names of the blocks wrapped.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper import apply_selective_checkpointing, by_class
+        >>> model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()) for _ in range(2)])
+        >>> apply_selective_checkpointing(model, check_fn=by_class(torch.nn.Sequential), policy="titan")
+        ['0', '1']
     """
     from ckpt_wrapper.apply import apply_activation_checkpointing
 
@@ -197,6 +204,12 @@ def checkpoint_regions(block: nn.Module, regions: Iterable[str], *, prefix: str 
 
     Raises:
         ValueError: if a name is not a submodule of the block.
+
+    Example:
+        >>> from ckpt_wrapper import checkpoint_regions
+        >>> from ckpt_wrapper.models import Block, GPTConfig
+        >>> checkpoint_regions(Block(GPTConfig(d_model=32, n_head=4)), ["mlp"], prefix="layers.0")
+        ['layers.0.mlp']
     """
     wrapped = []
     for name in regions:
