@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -269,7 +270,7 @@ def plan(
     strategies: Sequence[str] | None = None,
     measure: Literal["held", "saved"] = "held",
     cost: Literal["auto", "flops", "time"] = "auto",
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> Plan:
     """Choose per block the strategy that meets ``memory_budget`` at the least predicted step time.
 
@@ -291,7 +292,7 @@ def plan(
             and elementwise recompute), ``time`` (measured extra seconds, least of ``repeats``), or
             ``auto``: time on CUDA; on CPU extra FLOPs plus any measured time beyond what those FLOPs
             explain (selective checkpointing's per-op dispatch, hooks), in FLOP-equivalents.
-        repeats: timing repeats (the least is taken).
+        repeats: timing rounds: strategies are timed interleaved, round by round, and the median kept.
 
     Returns:
         The ``Plan``; ``print(plan)`` shows the table.
@@ -435,18 +436,26 @@ def _profile_block(block: nn.Module, args: tuple, kwargs: dict, strategies: Sequ
     names = list(strategies) if strategies is not None else block_strategies(block, device=device)
     if "none" not in names:
         names.insert(0, "none")
+    fresh = lambda: torch.utils._pytree.tree_map(
+        lambda x: x if isinstance(x, torch.Tensor) else copy.deepcopy(x), (args, kwargs))
     measured: dict[str, tuple[int, float, float]] = {}
+    steps: dict[str, Callable[[], Any]] = {}
     for strategy in names:
         trial = copy.deepcopy(block)
         apply_strategy(trial, strategy)
-        fresh = lambda: torch.utils._pytree.tree_map(
-            lambda x: x if isinstance(x, torch.Tensor) else copy.deepcopy(x), (args, kwargs))
-        forward = lambda: (lambda a, k: trial(*a, **k))(*fresh())
-        step = lambda: _scalar(forward()).backward()
+        forward = lambda trial=trial: (lambda a, k: trial(*a, **k))(*fresh())
+        steps[strategy] = step = lambda forward=forward: _scalar(forward()).backward()
         held = _held(forward, device, measure, list(trial.parameters()))
         flops = float(step_flops(step)) if cost != "time" else 0.0
-        seconds = _least_seconds(step, device, repeats) if cost != "flops" else 0.0
-        measured[strategy] = (held, flops, seconds)
+        measured[strategy] = (held, flops, 0.0)
+    if cost != "flops":
+        # Interleaved rounds, median per strategy: drift and background load hit every strategy alike,
+        # where timing one strategy after another attributes them to whichever ran at the wrong moment.
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(max(repeats, 1)):
+            for name in names:
+                samples[name].append(_least_seconds(steps[name], device, 1))
+        measured = {name: (held, flops, statistics.median(samples[name])) for name, (held, flops, _) in measured.items()}
     _, base_flops, base_seconds = measured["none"]
     table: dict[str, tuple[int, float]] = {}
     for strategy, (held, flops, seconds) in measured.items():
