@@ -56,7 +56,7 @@ from ckpt_wrapper import models
 from ckpt_wrapper._bench_report import goals as _goals, markdown as _markdown, plot as _plot
 from ckpt_wrapper.measure import held_after_forward, step_flops
 
-__all__ = ["BenchOptions", "add_arguments", "options_from_args", "run"]
+__all__ = ["BenchOptions", "MALLOC_ENV", "add_arguments", "malloc_env_set", "options_from_args", "run", "train_step"]
 
 # glibc reads these when the process starts, so they are set by re-executing, not in os.environ.
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
@@ -280,7 +280,8 @@ def _select(configs: list[_Config], patterns: tuple[str, ...] | None) -> list[_C
 
 # --- measuring -------------------------------------------------------------------------------------
 
-def _step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def train_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Forward, cross-entropy, backward, ``zero_grad``: the step every benchmark times; returns the loss."""
     logits = model(tokens)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     loss.backward()
@@ -306,7 +307,8 @@ def _timed(step: Callable[[], Any], device: torch.device) -> tuple[float, int | 
     return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - before
 
 
-def _malloc_env_set() -> bool:
+def malloc_env_set() -> bool:
+    """Whether glibc's malloc settings from DESIGN.md ("Measuring") are in this process's environment."""
     return all(os.environ.get(key) == value for key, value in MALLOC_ENV.items())
 
 
@@ -319,7 +321,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": name, "threads": torch.get_num_threads(), "malloc_env_set": _malloc_env_set()}
+            "device_name": name, "threads": torch.get_num_threads(), "malloc_env_set": malloc_env_set()}
 
 
 def run(options: BenchOptions) -> int:
@@ -349,7 +351,7 @@ def run(options: BenchOptions) -> int:
     device = options.resolve_device()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cpu" and options.reexec and not _malloc_env_set():
+    if device.type == "cpu" and options.reexec and not malloc_env_set():
         log("re-executing with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **MALLOC_ENV})
@@ -418,7 +420,7 @@ def _measure(options: BenchOptions, device: torch.device, log: Callable[[str], N
             cfg.wrap(model)
         built[cfg.name] = model
     configs = [c for c in configs if c.name in built]
-    steps = {name: functools.partial(_step, model, tokens, targets) for name, model in built.items()}
+    steps = {name: functools.partial(train_step, model, tokens, targets) for name, model in built.items()}
 
     # Identical weights and inputs give the same loss under every configuration; a broken harness shows here.
     losses = {name: step().item() for name, step in steps.items()}

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ckpt_wrapper import models
+# One definition of the malloc settings and the timed step, shared with ``ckpt-wrapper bench``.
+from ckpt_wrapper.bench import MALLOC_ENV, malloc_env_set  # noqa: F401  (re-exported for the scripts)
+from ckpt_wrapper.bench import train_step as step  # noqa: F401
 
 # glibc reads these when the process starts, so they are set by re-executing, not by os.environ.
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 PRESETS = ("small", "cpu-reference", "gpu-reference")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MODEL_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
@@ -105,11 +105,6 @@ def make_logger(prefix: str) -> Callable[[str], None]:
         print(f"[{prefix}] {message}", file=sys.stderr, flush=True)
 
     return log
-
-
-def malloc_env_set() -> bool:
-    """Whether glibc's malloc settings from DESIGN.md are in this process's environment."""
-    return all(os.environ.get(key) == value for key, value in MALLOC_ENV.items())
 
 
 def reexec_with_malloc_env(log: Callable[[str], None]) -> None:
@@ -206,15 +201,6 @@ def make_batch(
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), generator=generator).to(device)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-
-def step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Forward, cross-entropy, backward, zero_grad; returns the loss without synchronizing."""
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def timed(step: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, int | None]:
