@@ -186,30 +186,25 @@ def apply_strategy(block: nn.Module, strategy: str, *, fqn: str = "", engine: An
     """
     from ckpt_wrapper.offload import offload_wrapper
 
-    label = fqn or type(block).__name__
-    parts = strategy.split("+", 1) if strategy.startswith("cheap+") else [strategy]
+    cheap = strategy == "cheap" or strategy.startswith("cheap+")
+    main = "none" if strategy == "cheap" else strategy.removeprefix("cheap+")
     wrapped: list[str] = []
-    main = parts[-1]
     if main.startswith("regions:"):
         wrapped += checkpoint_regions(block, main[len("regions:"):].split("+"), prefix=fqn)
-    if main == "none":
-        pass
-    elif main == "cheap":
-        pass
-    elif main == "full":
-        checkpoint_wrapper(block)
-    elif main.startswith("sac:"):
-        checkpoint_wrapper(block, context_fn=selective_context_fn(main[len("sac:"):]))
-    elif main == "offload":
-        offload_wrapper(block, **({"engine": engine} if engine is not None else {}))
-    elif main == "full+offload":
-        checkpoint_wrapper(block, offload=engine if engine is not None else True)
-    elif not main.startswith("regions:"):
-        raise ValueError(f"unknown strategy {strategy!r} for block {label}")
-    if main in ("full", "offload", "full+offload") or main.startswith("sac:"):
+    elif main != "none":
+        if main == "full":
+            checkpoint_wrapper(block)
+        elif main.startswith("sac:"):
+            checkpoint_wrapper(block, context_fn=selective_context_fn(main[len("sac:"):]))
+        elif main == "offload":
+            offload_wrapper(block, **({"engine": engine} if engine is not None else {}))
+        elif main == "full+offload":
+            checkpoint_wrapper(block, offload=engine if engine is not None else True)
+        else:
+            raise ValueError(f"unknown strategy {strategy!r} for block {fqn or type(block).__name__}")
         block.__dict__["_ckpt_fqn"] = fqn
         wrapped.append(fqn)
-    if strategy == "cheap" or strategy.startswith("cheap+"):
+    if cheap:
         cheap_recompute_wrapper(block).__dict__["_ckpt_fqn"] = fqn
         wrapped.append(fqn)
     return wrapped
