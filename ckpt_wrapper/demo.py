@@ -20,7 +20,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -33,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 # The public API, imported the way users would.
 from ckpt_wrapper import CheckpointWrapper, apply_activation_checkpointing, by_class_name
-from ckpt_wrapper.distributed import init_distributed
+from ckpt_wrapper.distributed import default_device, init_distributed
 from ckpt_wrapper.measure import SavedBytes, held_after_forward
 from ckpt_wrapper.models import GPT, GPTConfig
 
@@ -204,17 +203,8 @@ class _World:
     owns_group: bool
 
 
-def _resolve_device(requested: str | None) -> torch.device:
-    # DemoOptions has validated `requested`; here only the rank's own GPU is filled in.
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if requested is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-
-
 def _init_world(requested_device: str | None) -> _World:
-    device = _resolve_device(requested_device)
+    device = default_device(requested_device)  # DemoOptions has validated the request
     owns_group = init_distributed(device, timeout_s=_PG_TIMEOUT.total_seconds())
     # Report the group's own backend: a group the caller made may not use the one derived here.
     return _World(

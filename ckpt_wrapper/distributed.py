@@ -31,11 +31,24 @@ _FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` where CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device("cpu")
+def default_device(requested: str | torch.device | None = None) -> torch.device:
+    """This rank's device: ``requested``, with a bare ``cuda`` made ``cuda:LOCAL_RANK``; by default
+    ``cuda:LOCAL_RANK`` where CUDA is available, else the CPU.
+
+    Example:
+        >>> from ckpt_wrapper.distributed import default_device
+        >>> default_device("cpu")
+        device(type='cpu')
+    """
+    device = torch.device(requested) if requested is not None else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    if device is None:
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        # Every rank on cuda:0 would be wrong, and torch.cuda.set_device refuses an index-less device.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
+    return device
 
 
 def init_distributed(device: torch.device, *, timeout_s: float = 300.0) -> bool:

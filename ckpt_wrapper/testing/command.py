@@ -114,7 +114,7 @@ def options_from_args(args: argparse.Namespace) -> ParityOptions:
 
 def run(options: ParityOptions) -> int:
     """Run the parity check on this rank; rank 0 prints the report. Returns 0 when all ranks agree."""
-    device = torch.device(options.device) if options.device else default_device()
+    device = default_device(options.device)
     owns_group = init_distributed(device)
     try:
         selector = by_class_name(options.blocks)

@@ -471,7 +471,7 @@ def _setup_accelerate(args: argparse.Namespace, model: nn.Module, names: list[st
 
 def run(args: argparse.Namespace) -> int:
     """Train as the flags say; return the exit status."""
-    device = torch.device(args.device) if args.device else default_device()
+    device = default_device(args.device)
     owns_group = False
     if args.parallel != "accelerate":
         owns_group = init_distributed(device)
