@@ -1,8 +1,8 @@
-"""``python -m ckpt_wrapper COMMAND``: the ``ckpt-wrapper`` command (see ``ckpt_wrapper.cli``)."""
+"""``python -m ckpt_wrapper COMMAND``: the ``ckpt-wrapper`` command (see ``ckpt_wrapper.tools.cli``)."""
 
 import sys
 
-from ckpt_wrapper.cli import main
+from ckpt_wrapper.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ckpt_wrapper.offload import _share_engines
-from ckpt_wrapper.select import BlockSelector, _walk
+from ckpt_wrapper.selection import BlockSelector, _walk
 from ckpt_wrapper.wrapper import ActivationWrapper, _check_unwrappable, checkpoint_wrapper, unwrap
 
 __all__ = ["apply_activation_checkpointing", "remove_activation_checkpointing"]

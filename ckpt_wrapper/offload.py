@@ -1,7 +1,7 @@
 """Offload of saved activations to host memory: ``OffloadWrapper``, ``offload_wrapper``, engines.
 
 A wrapped block runs its forward under ``saved_tensors_hooks`` that move what autograd saves into
-reusable host buffers and bring it back in backward (see ``ckpt_wrapper._engine`` for the streams).
+reusable host buffers and bring it back in backward (see ``ckpt_wrapper.offload_engine`` for the streams).
 Parameters, buffers, views of either and small tensors stay where they are; tensors that share storage
 are copied once and come back sharing it, with their device, dtype, shape and strides.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_wrapper._engine import HostPool, OffloadEngine, OffloadOptions, OffloadStats
+from ckpt_wrapper.offload_engine import HostPool, OffloadEngine, OffloadOptions, OffloadStats
 from ckpt_wrapper.wrapper import ActivationWrapper, _register_kind
 
 __all__ = ["HostPool", "OffloadEngine", "OffloadOptions", "OffloadStats", "OffloadWrapper", "offload_wrapper"]

@@ -18,7 +18,7 @@ Two ways, and the planner measures both per block:
 Example:
     >>> import torch
     >>> from ckpt_wrapper import apply_selective_checkpointing, by_class
-    >>> from ckpt_wrapper.models import GPT, GPTConfig, Block
+    >>> from ckpt_wrapper.testing.models import GPT, GPTConfig, Block
     >>> model = GPT(GPTConfig(n_layer=2, d_model=32, n_head=4, seq_len=8, vocab_size=32))
     >>> apply_selective_checkpointing(model, check_fn=by_class(Block), policy="matmuls")
     ['layers.0', 'layers.1']
@@ -180,7 +180,7 @@ def region_candidates(block: nn.Module) -> list[str]:
 
     Example:
         >>> from ckpt_wrapper import region_candidates
-        >>> from ckpt_wrapper.models import Block, GPTConfig
+        >>> from ckpt_wrapper.testing.models import Block, GPTConfig
         >>> region_candidates(Block(GPTConfig(d_model=32, n_head=4)))
         ['attn', 'mlp']
     """
@@ -207,7 +207,7 @@ def checkpoint_regions(block: nn.Module, regions: Iterable[str], *, prefix: str 
 
     Example:
         >>> from ckpt_wrapper import checkpoint_regions
-        >>> from ckpt_wrapper.models import Block, GPTConfig
+        >>> from ckpt_wrapper.testing.models import Block, GPTConfig
         >>> checkpoint_regions(Block(GPTConfig(d_model=32, n_head=4)), ["mlp"], prefix="layers.0")
         ['layers.0.mlp']
     """

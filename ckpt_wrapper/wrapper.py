@@ -33,7 +33,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ckpt_wrapper._engine import OffloadEngine, OffloadOptions
+from ckpt_wrapper.offload_engine import OffloadEngine, OffloadOptions
 
 __all__ = ["CheckpointImpl", "CheckpointWrapper", "ActivationWrapper", "checkpoint_wrapper", "unwrap"]
 

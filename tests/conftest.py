@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt_wrapper.models import GPT, Block, GPTConfig
+from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 
 TINY = GPTConfig(n_layer=4, d_model=32, n_head=4, seq_len=16, vocab_size=64)
 """Four blocks of width 32: big enough to have structure, small enough to run in milliseconds."""

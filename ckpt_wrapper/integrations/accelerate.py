@@ -37,7 +37,7 @@ from typing import Any
 from torch import nn
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
-from ckpt_wrapper.select import by_class_name
+from ckpt_wrapper.selection import by_class_name
 from ckpt_wrapper.wrapper import ActivationWrapper, checkpoint_wrapper, unwrap
 
 __all__ = ["apply_checkpointing", "block_class_names"]

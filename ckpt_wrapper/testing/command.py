@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
-from ckpt_wrapper.distributed import SHARD_KINDS, ShardRecipe, default_device, init_distributed
+from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.testing.recipes import SHARD_KINDS, ShardRecipe
 from ckpt_wrapper.offload import offload_wrapper
 from ckpt_wrapper.wrapper import checkpoint_wrapper
-from ckpt_wrapper.select import by_class_name
+from ckpt_wrapper.selection import by_class_name
 from ckpt_wrapper.testing.parity import ParityConfig, check_parity
 
 __all__ = ["ParityOptions", "add_arguments", "options_from_args", "run"]
@@ -119,7 +120,7 @@ def run(options: ParityOptions) -> int:
     try:
         selector = by_class_name(options.blocks)
         if options.model is None:
-            from ckpt_wrapper.models import GPT, GPTConfig
+            from ckpt_wrapper.testing.models import GPT, GPTConfig
 
             gpt = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32, vocab_size=256)
             model_fn: Callable[[], torch.nn.Module] = functools.partial(GPT, gpt)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ckpt_wrapper.distributed import ShardRecipe, clean_name, shard_model
+from ckpt_wrapper.testing.recipes import ShardRecipe, clean_name, shard_model
 
 __all__ = ["ParityConfig", "ParityReport", "check_parity", "default_loss"]
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from ckpt_wrapper import models
+from ckpt_wrapper.testing import models
 # One definition of the malloc settings and the timed step, shared with ``ckpt-wrapper bench``.
-from ckpt_wrapper.bench import MALLOC_ENV, malloc_env_set  # noqa: F401  (re-exported for the scripts)
-from ckpt_wrapper.bench import train_step as step  # noqa: F401
+from ckpt_wrapper.tools.bench import MALLOC_ENV, malloc_env_set  # noqa: F401  (re-exported for the scripts)
+from ckpt_wrapper.tools.bench import train_step as step  # noqa: F401
 
 # glibc reads these when the process starts, so they are set by re-executing, not by os.environ.
 PRESETS = ("small", "cpu-reference", "gpu-reference")

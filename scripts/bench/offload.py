@@ -79,7 +79,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import offload_wrapper as torch_offload_wrapper
 
 import ckpt_wrapper
-from ckpt_wrapper import models
+from ckpt_wrapper.testing import models
 from ckpt_wrapper.measure import held_after_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path rather than run

@@ -56,7 +56,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_wrapper
-from ckpt_wrapper import models
+from ckpt_wrapper.testing import models
 from ckpt_wrapper.measure import held_after_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path rather than run

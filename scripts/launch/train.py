@@ -43,8 +43,9 @@ from torch import nn
 import ckpt_wrapper
 from ckpt_wrapper import OffloadOptions, apply_activation_checkpointing, by_class_name, checkpoint_wrapper, every_nth
 from ckpt_wrapper import offload_wrapper
-from ckpt_wrapper.distributed import ShardRecipe, default_device, init_distributed, shard_model
-from ckpt_wrapper.models import GPT, GPTConfig
+from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.testing.recipes import ShardRecipe, shard_model
+from ckpt_wrapper.testing.models import GPT, GPTConfig
 
 AC_MODES = ("none", "full", "selective", "offload", "full+offload", "plan")
 PARALLEL = ("fsdp2", "fsdp", "ddp", "none", "accelerate")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model and data")
     model.add_argument("--model", choices=("gpt", "llama"), default="gpt",
-                       help="gpt: ckpt_wrapper.models.GPT; llama: HF LlamaForCausalLM built from a config "
+                       help="gpt: ckpt_wrapper.testing.models.GPT; llama: HF LlamaForCausalLM built from a config "
                             "(needs transformers; nothing is downloaded) (default: gpt)")
     model.add_argument("--n-layer", type=int, default=4, help="transformer blocks (default: 4)")
     model.add_argument("--d-model", type=int, default=128, help="hidden width (default: 128)")

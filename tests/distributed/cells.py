@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ckpt_wrapper import apply_activation_checkpointing, by_class_name, offload_wrapper
-from ckpt_wrapper.distributed import ShardRecipe
-from ckpt_wrapper.models import GPT, Block, GPTConfig
+from ckpt_wrapper.testing.recipes import ShardRecipe
+from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 from ckpt_wrapper.testing import ParityConfig, check_parity
 
 SMALL = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16, vocab_size=64)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import ckpt_wrapper
 from ckpt_wrapper import Plan, PlanEntry
-from ckpt_wrapper.models import GPT, GPTConfig
+from ckpt_wrapper.testing.models import GPT, GPTConfig
 
 SMALL = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16, vocab_size=64)
 MIXED_STRATEGIES = ["cheap+regions:attn", "sac:titan", "full"]

@@ -73,7 +73,7 @@ def test_blocks_default_to_no_split_modules_and_otherwise_must_be_named() -> Non
     from accelerate.utils import DistributedType
 
     from ckpt_wrapper.integrations.accelerate import apply_checkpointing, block_class_names
-    from ckpt_wrapper.models import GPT, GPTConfig
+    from ckpt_wrapper.testing.models import GPT, GPTConfig
 
     accelerator = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.NO))
     model = GPT(GPTConfig(n_layer=2, d_model=16, n_head=2, seq_len=8, vocab_size=32))
@@ -191,7 +191,7 @@ def test_train_script_under_fsdp_config_on_gpu(config: str) -> None:
 
 
 def _gpt():
-    from ckpt_wrapper.models import GPT, GPTConfig
+    from ckpt_wrapper.testing.models import GPT, GPTConfig
 
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16, vocab_size=64, dropout=0.1))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_wrapper.demo import compare_gradients
+from ckpt_wrapper.tools.demo import compare_gradients
 from pool import torchrun
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from ckpt_wrapper import cli
-from ckpt_wrapper.bench import BenchOptions, run
+from ckpt_wrapper.tools import cli
+from ckpt_wrapper.tools.bench import BenchOptions, run
 
 _TINY = ["--device", "cpu", "--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "16",
          "--vocab-size", "64", "--batch", "2", "--threads", "1", "--no-reexec"]

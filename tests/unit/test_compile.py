@@ -14,7 +14,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from ckpt_wrapper import apply_activation_checkpointing, by_class
-from ckpt_wrapper.models import GPT, Block
+from ckpt_wrapper.testing.models import GPT, Block
 
 
 @pytest.fixture(autouse=True)

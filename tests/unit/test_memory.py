@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ckpt_wrapper import apply_activation_checkpointing, by_class, every_nth
 from ckpt_wrapper.measure import SavedBytes, held_after_forward, host_allocated_bytes, step_flops
-from ckpt_wrapper.models import GPT, Block, GPTConfig
+from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 
 # Wide and long enough that activations (about 17 MiB unwrapped) dwarf allocator noise.
 MEASURED = GPTConfig(n_layer=8, d_model=128, n_head=4, seq_len=64, vocab_size=256)

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ckpt_wrapper import CheckpointImpl, apply_activation_checkpointing, by_class, checkpoint_wrapper
-from ckpt_wrapper.models import GPT, Block
+from ckpt_wrapper.testing.models import GPT, Block
 
 IMPLS = pytest.mark.parametrize("impl", list(CheckpointImpl), ids=lambda i: i.name)
 

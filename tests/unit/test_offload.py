@@ -33,7 +33,7 @@ from ckpt_wrapper import (
     first_n,
     offload_wrapper,
 )
-from ckpt_wrapper.models import Block
+from ckpt_wrapper.testing.models import Block
 
 N_LAYER = 4  # conftest's TINY GPT
 ACTIVATION_BYTES = 2 * 16 * 32 * 4  # one (batch, seq, d_model) float32 activation of the tiny GPT

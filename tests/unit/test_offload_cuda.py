@@ -35,7 +35,7 @@ from ckpt_wrapper import (
     by_class,
     offload_wrapper,
 )
-from ckpt_wrapper.models import GPT, Block, GPTConfig
+from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 
 pytestmark = [
     pytest.mark.gpu,

@@ -27,8 +27,8 @@ from torch import nn
 import ckpt_wrapper
 from ckpt_wrapper import ActivationWrapper, Plan, PlanEntry, by_class_name
 from ckpt_wrapper.measure import held_after_forward
-from ckpt_wrapper.models import GPT, Block, GPTConfig
-from ckpt_wrapper.plan import apply_strategy, block_strategies
+from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
+from ckpt_wrapper.planner import apply_strategy, block_strategies
 from probes import (  # single_thread is a fixture, used through pytestmark
     live_bytes_after_forward,
     mallinfo2_available,

@@ -29,7 +29,7 @@ from ckpt_wrapper import (
     remove_activation_checkpointing,
 )
 from ckpt_wrapper.measure import held_after_forward
-from ckpt_wrapper.models import GPT, Block, GPTConfig
+from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 from probes import (  # single_thread is a fixture, used through pytestmark
     MATMUL_OPS,
     live_bytes_after_forward,

@@ -24,7 +24,7 @@ from ckpt_wrapper import (
     checkpoint_wrapper,
     every_nth,
 )
-from ckpt_wrapper.models import GPT, Block
+from ckpt_wrapper.testing.models import GPT, Block
 
 BLOCKS = [f"layers.{i}" for i in range(4)]
 
@@ -140,7 +140,7 @@ def test_selection_matching_nothing_raises_listing_the_classes_seen(make_gpt, ch
         (("Block",), BLOCKS),
         (("Block,Embedding",), ["tok_emb", "pos_emb", *BLOCKS]),
         (("Embedding", " LayerNorm , Block"), ["tok_emb", "pos_emb", *BLOCKS, "ln_f"]),
-        (("ckpt_wrapper.models.Block",), BLOCKS),
+        (("ckpt_wrapper.testing.models.Block",), BLOCKS),
         (("torch.nn.modules.linear.Linear",), [
             *(f"layers.{i}.{sub}" for i in range(4) for sub in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")),
             "head",

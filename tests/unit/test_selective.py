@@ -28,7 +28,7 @@ from ckpt_wrapper import (
     region_candidates,
     selective_context_fn,
 )
-from ckpt_wrapper.models import Block
+from ckpt_wrapper.testing.models import Block
 from probes import (  # single_thread is a fixture, used through pytestmark
     MATMUL_OPS,
     live_bytes_after_forward,

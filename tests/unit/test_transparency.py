@@ -23,7 +23,7 @@ from ckpt_wrapper import (
     every_nth,
     remove_activation_checkpointing,
 )
-from ckpt_wrapper.models import GPT, Block
+from ckpt_wrapper.testing.models import GPT, Block
 
 
 def _add_buffers(model: GPT) -> GPT:

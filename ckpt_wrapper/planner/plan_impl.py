@@ -15,7 +15,7 @@ Strategies: ``none``; ``cheap`` (recompute norm and activation outputs, see ``ch
 Example:
     >>> import torch
     >>> import ckpt_wrapper
-    >>> from ckpt_wrapper.models import GPT, GPTConfig
+    >>> from ckpt_wrapper.testing.models import GPT, GPTConfig
     >>> model = GPT(GPTConfig(n_layer=2, d_model=32, n_head=4, seq_len=16, vocab_size=64))
     >>> tokens = torch.randint(0, 64, (2, 16))
     >>> p = ckpt_wrapper.plan(model, tokens, memory_budget=0.5, measure="saved")
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckpt_wrapper.measure import held_after_forward, live_bytes_after_forward, step_flops
-from ckpt_wrapper.recompute import cheap_modules, cheap_recompute_wrapper
+from ckpt_wrapper.cheap_recompute import cheap_modules, cheap_recompute_wrapper
 from ckpt_wrapper.selective import checkpoint_regions, region_candidates, selective_context_fn
 from ckpt_wrapper.wrapper import checkpoint_wrapper
 
@@ -157,8 +157,8 @@ def block_strategies(block: nn.Module, *, device: torch.device) -> list[str]:
 
     Example:
         >>> import torch
-        >>> from ckpt_wrapper.plan import block_strategies
-        >>> from ckpt_wrapper.models import Block, GPTConfig
+        >>> from ckpt_wrapper.planner import block_strategies
+        >>> from ckpt_wrapper.testing.models import Block, GPTConfig
         >>> block_strategies(Block(GPTConfig(d_model=32, n_head=4)), device=torch.device("cpu"))[:4]
         ['none', 'cheap', 'regions:attn', 'cheap+regions:attn']
     """
@@ -299,7 +299,7 @@ def plan(
     Example:
         >>> import torch
         >>> import ckpt_wrapper
-        >>> from ckpt_wrapper.models import GPT, GPTConfig
+        >>> from ckpt_wrapper.testing.models import GPT, GPTConfig
         >>> model = GPT(GPTConfig(n_layer=2, d_model=32, n_head=4, seq_len=16, vocab_size=64))
         >>> p = ckpt_wrapper.plan(model, torch.randint(0, 64, (2, 16)), memory_budget=0.3, measure="saved", cost="flops")
         >>> p.predicted_bytes <= p.budget_bytes, len(p.entries)
@@ -331,7 +331,7 @@ def plan(
 
 def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_fn: Any, strategies: Any,
                measure: str, cost: str, repeats: int) -> Plan:
-    from ckpt_wrapper.select import BlockSelector, _walk
+    from ckpt_wrapper.selection import BlockSelector, _walk
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
