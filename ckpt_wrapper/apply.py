@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -24,7 +25,59 @@ from ckpt_wrapper.offload import _share_engines
 from ckpt_wrapper.selection import BlockSelector, _walk
 from ckpt_wrapper.wrapper import ActivationWrapper, _check_unwrappable, checkpoint_wrapper, unwrap
 
-__all__ = ["apply_activation_checkpointing", "remove_activation_checkpointing"]
+__all__ = ["WrapJob", "apply_activation_checkpointing", "remove_activation_checkpointing", "wrap_blocks"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapJob:
+    """One block to wrap: where it is, what it is, and the function that wraps it."""
+
+    fqn: str
+    """Fully qualified name of ``module`` in the root passed to ``wrap_blocks``."""
+    module: nn.Module
+    """The block."""
+    wrap: Callable[[nn.Module], nn.Module]
+    """Wraps the block: ``checkpoint_wrapper``, a ``functools.partial`` of a wrapper, PyTorch's own, ..."""
+
+
+def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob]) -> list[str]:
+    """The one wrapping path: run ``jobs`` on ``root``'s blocks, all or nothing.
+
+    Every public way to wrap (``apply_activation_checkpointing``, plans, regions, integrations) ends
+    here, so each gets the same FQN labels and engine sharing. If any job fails, every block this
+    call wrapped is restored and the error names the block that failed.
+
+    Returns:
+        The FQNs wrapped, in job order.
+    """
+    done: list[tuple[WrapJob, nn.Module]] = []
+    try:
+        for job in jobs:
+            result = job.wrap(job.module)
+            if not isinstance(result, nn.Module):
+                raise TypeError(
+                    f"the wrapper function must return an nn.Module, got {type(result).__name__} for '{job.fqn}'"
+                )
+            if result is not job.module:  # a wrapper that builds a new module (PyTorch's own, say)
+                parent_name, _, child = job.fqn.rpartition(".")
+                setattr(root.get_submodule(parent_name), child, result)
+            done.append((job, result))
+            if isinstance(result, ActivationWrapper):
+                result.__dict__["_ckpt_fqn"] = job.fqn
+    except BaseException as error:
+        for job, result in reversed(done):
+            if result is not job.module:
+                parent_name, _, child = job.fqn.rpartition(".")
+                setattr(root.get_submodule(parent_name), child, job.module)
+            else:
+                unwrap(result)
+        if isinstance(error, Exception) and not getattr(error, "_ckpt_wrap_noted", False):
+            error._ckpt_wrap_noted = True  # type: ignore[attr-defined]
+            failed = jobs[len(done)].fqn if len(done) < len(jobs) else "?"
+            error.add_note(f"ckpt_wrapper: wrapping block '{failed}' failed; no block was left wrapped")
+        raise
+    _share_engines([result for _, result in done])
+    return [job.fqn for job, _ in done]
 
 
 def _policy_predicate(policy: Any, model: nn.Module) -> Callable[[str, nn.Module], bool]:
@@ -101,25 +154,8 @@ def apply_activation_checkpointing(
 
     if not chosen:
         raise ValueError(_nothing_matched_message(model, described))
-    wrapped: list[str] = []
-    new_blocks: list[nn.Module] = []
-    for name, module in chosen:
-        if isinstance(module, ActivationWrapper):
-            continue
-        result = checkpoint_wrapper_fn(module)
-        if not isinstance(result, nn.Module):
-            raise TypeError(
-                f"checkpoint_wrapper_fn must return an nn.Module, got {type(result).__name__} for '{name}'"
-            )
-        if isinstance(result, ActivationWrapper):
-            result.__dict__["_ckpt_fqn"] = name
-        if result is not module:  # a wrapper that builds a new module (PyTorch's own, say)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, result)
-        wrapped.append(name)
-        new_blocks.append(result)
-    _share_engines(new_blocks)
-    return wrapped
+    jobs = [WrapJob(name, module, checkpoint_wrapper_fn) for name, module in chosen if not isinstance(module, ActivationWrapper)]
+    return wrap_blocks(model, jobs)
 
 
 def _refuse_double_checkpointing(model: nn.Module) -> None:
