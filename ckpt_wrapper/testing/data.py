@@ -6,8 +6,8 @@ Example:
     >>> tokens, targets = counting_batch(step=0, rows=2, seq_len=8, vocab_size=50)
     >>> tokens.shape, bool((tokens[:, 1:] == targets[:, :-1]).all())
     (torch.Size([2, 8]), True)
-    >>> float(lm_loss(torch.zeros(2, 8, 50), targets)) == float(torch.log(torch.tensor(50.0)))
-    True
+    >>> round(float(lm_loss(torch.zeros(2, 8, 50), targets)), 4)  # uniform logits: log(50)
+    3.912
 """
 
 from __future__ import annotations
