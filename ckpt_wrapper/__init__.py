@@ -17,9 +17,10 @@ from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation
 from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.selection import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
 from ckpt_wrapper.planner import Plan, PlanEntry, plan
-from ckpt_wrapper.cheap_recompute import CheapRecomputeWrapper, cheap_modules, cheap_recompute_wrapper
+from ckpt_wrapper.cheap_recompute import CheapOptions, CheapRecomputeWrapper, cheap_modules, cheap_recompute_wrapper
 from ckpt_wrapper.selective import PRESETS, apply_selective_checkpointing, checkpoint_regions, region_candidates, selective_context_fn
-from ckpt_wrapper.wrapper import ActivationWrapper, CheckpointImpl, CheckpointWrapper, checkpoint_wrapper, unwrap
+from ckpt_wrapper.state import ActivationWrapper, WrapState, unwrap, wrap_state
+from ckpt_wrapper.wrapper import CheckpointImpl, CheckpointOptions, CheckpointWrapper, checkpoint_wrapper
 
 __version__ = "0.1.0"
 
@@ -29,8 +30,10 @@ __all__ = [
     "all_but_last",
     "apply_selective_checkpointing",
     "BlockSelector",
+    "CheapOptions",
     "CheapRecomputeWrapper",
     "CheckpointImpl",
+    "CheckpointOptions",
     "CheckpointWrapper",
     "HostPool",
     "OffloadEngine",
@@ -55,4 +58,6 @@ __all__ = [
     "remove_activation_checkpointing",
     "selective_context_fn",
     "unwrap",
+    "WrapState",
+    "wrap_state",
 ]

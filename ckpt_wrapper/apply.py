@@ -21,9 +21,9 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_wrapper.offload import _share_engines
-from ckpt_wrapper.selection import BlockSelector, _walk
-from ckpt_wrapper.wrapper import ActivationWrapper, _check_unwrappable, checkpoint_wrapper, unwrap
+from ckpt_wrapper.selection import BlockSelector, walk
+from ckpt_wrapper.state import ActivationWrapper, check_unwrappable, unwrap, wrap_state
+from ckpt_wrapper.wrapper import checkpoint_wrapper
 
 __all__ = ["WrapJob", "apply_activation_checkpointing", "remove_activation_checkpointing", "wrap_blocks"]
 
@@ -62,8 +62,9 @@ def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob]) -> list[str]:
                 parent_name, _, child = job.fqn.rpartition(".")
                 setattr(root.get_submodule(parent_name), child, result)
             done.append((job, result))
-            if isinstance(result, ActivationWrapper):
-                result.__dict__["_ckpt_fqn"] = job.fqn
+            state = wrap_state(result)
+            if state is not None:
+                state.fqn = job.fqn
     except BaseException as error:
         for job, result in reversed(done):
             if result is not job.module:
@@ -78,6 +79,20 @@ def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob]) -> list[str]:
         raise
     _share_engines([result for _, result in done])
     return [job.fqn for job, _ in done]
+
+
+def _share_engines(modules: Sequence[nn.Module]) -> None:
+    """Give blocks wrapped together, each with an engine of its own and equal options, one engine.
+
+    One pool serves them all, and backward can prefetch a block's tensors while the next computes:
+    neither works across separate engines.
+    """
+    shared: dict[Any, Any] = {}
+    for module in modules:
+        state = wrap_state(module)
+        if state is not None and state.engine is not None and state.engine_mergeable:
+            state.engine = shared.setdefault(state.engine.options, state.engine)
+            state.engine_mergeable = False
 
 
 def _policy_predicate(policy: Any, model: nn.Module) -> Callable[[str, nn.Module], bool]:
@@ -141,13 +156,13 @@ def apply_activation_checkpointing(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _refuse_double_checkpointing(model)
     if auto_wrap_policy is not None:
-        chosen = list(_walk(model, _policy_predicate(auto_wrap_policy, model)))
+        chosen = list(walk(model, _policy_predicate(auto_wrap_policy, model)))
         described = f"auto_wrap_policy {auto_wrap_policy!r}"
     elif isinstance(check_fn, BlockSelector):
         chosen = check_fn.select(model)
         described = check_fn.describe()
     elif callable(check_fn):
-        chosen = list(_walk(model, lambda name, module: bool(check_fn(module))))
+        chosen = list(walk(model, lambda name, module: bool(check_fn(module))))
         described = f"check_fn {getattr(check_fn, '__qualname__', check_fn)!r}"
     else:
         raise TypeError(f"check_fn must be callable (module -> bool) or a selector, got {type(check_fn).__name__}")
@@ -220,7 +235,7 @@ def remove_activation_checkpointing(model: nn.Module) -> list[str]:
     """
     ours = [(name, m) for name, m in model.named_modules() if isinstance(m, ActivationWrapper)]
     for _, module in ours:  # check all first: a half-unwrapped model is worse than an error
-        _check_unwrappable(module)
+        check_unwrappable(module)
     removed: list[str] = []
     for name, module in ours:
         unwrap(module)

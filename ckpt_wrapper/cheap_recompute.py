@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,9 +29,9 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ckpt_wrapper.wrapper import ActivationWrapper, _register_kind
+from ckpt_wrapper.state import ActivationWrapper, WrapState, annotate_error, compat_attribute, install, wrap_state
 
-__all__ = ["CheapRecomputeWrapper", "cheap_recompute_wrapper", "cheap_modules"]
+__all__ = ["CheapOptions", "CheapRecomputeWrapper", "cheap_recompute_wrapper", "cheap_modules"]
 
 # Modules whose backward keeps their input (so a recipe holding it costs nothing) and that are pure
 # functions of input and parameters (so the recompute is bitwise the forward). ReLU and Tanh are not
@@ -149,29 +150,41 @@ class _Kept:
         return self.tensor
 
 
-@_register_kind
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheapOptions:
+    """What a ``CheapRecomputeWrapper`` rebuilds (kept in the block's ``WrapState.options``)."""
+
+    modules: tuple[str, ...]
+    """Names, relative to the block, of the submodules whose outputs are rebuilt in backward."""
+
+
+def _modules_of(block: nn.Module, state: WrapState) -> list[str]:
+    # A block made by calling its class has no options yet: the default choice.
+    return list(state.options.modules) if state.options is not None else cheap_modules(block)
+
+
 class CheapRecomputeWrapper(ActivationWrapper):
     """A block that keeps no output of its cheap modules for backward, and rebuilds them on demand.
 
     Build with ``cheap_recompute_wrapper(block)``; names and class are kept, as for every wrapper.
     """
 
-    _ckpt_repr_tag = "cheap-recompute"
+    __ckpt_tag__ = "cheap-recompute"
 
-    @property
+    @compat_attribute
     def recompute_modules(self) -> list[str]:
         """Names (relative to the block) of the modules whose outputs are recomputed."""
-        return list(self.__dict__.get("_ckpt_cheap", None) or cheap_modules(self))
+        return _modules_of(self, wrap_state(self))
 
-    def _wrapped_forward(self, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def __ckpt_forward__(self, state: WrapState, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         recorder = _Recorder()
         # Hooks live only for this call: nothing persistent to deep-copy, pickle or leak.
-        handles = [self.get_submodule(name).register_forward_hook(recorder.hook) for name in self.recompute_modules]
+        handles = [self.get_submodule(name).register_forward_hook(recorder.hook) for name in _modules_of(self, state)]
         try:
             with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
                 return inner(*args, **kwargs)
         except BaseException as error:
-            self._ckpt_annotate(error, "running")
+            annotate_error(self, error, "running")
             raise
         finally:
             for handle in handles:
@@ -209,6 +222,5 @@ def cheap_recompute_wrapper(module: nn.Module, *, modules: Iterable[str] | None 
             + (f"no submodule(s) {missing}" if missing else "no norm or activation module to recompute")
             + f"; candidates found: {cheap_modules(module)}"
         )
-    wrapped = CheapRecomputeWrapper._install(module)
-    wrapped.__dict__["_ckpt_cheap"] = names
-    return wrapped  # type: ignore[return-value]
+    install(CheapRecomputeWrapper, module, options=CheapOptions(modules=tuple(names)))
+    return module  # type: ignore[return-value]

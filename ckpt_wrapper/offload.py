@@ -26,18 +26,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from ckpt_wrapper.offload_engine import HostPool, OffloadEngine, OffloadOptions, OffloadStats
-from ckpt_wrapper.wrapper import ActivationWrapper, _register_kind
+from ckpt_wrapper.state import ActivationWrapper, WrapState, annotate_error, compat_attribute, install, wrap_state
 
 __all__ = ["HostPool", "OffloadEngine", "OffloadOptions", "OffloadStats", "OffloadWrapper", "offload_wrapper"]
 
 
-@_register_kind
 class OffloadWrapper(ActivationWrapper):
     """A block whose saved activations live in host memory between forward and backward.
 
@@ -53,31 +52,34 @@ class OffloadWrapper(ActivationWrapper):
         (True, True)
     """
 
-    _ckpt_repr_tag = "offloaded"
+    __ckpt_tag__ = "offloaded"
 
-    @property
+    @compat_attribute
     def offload_engine(self) -> OffloadEngine:
         """The engine this block offloads through (shared with the blocks wrapped beside it)."""
-        engine = self.__dict__.get("_ckpt_offload_engine")
-        if engine is None:  # a block built by calling its class: default options
-            engine = self.__dict__["_ckpt_offload_engine"] = OffloadEngine()
-        return engine
+        return _engine_of(wrap_state(self))
 
-    @property
+    @compat_attribute
     def offload_options(self) -> OffloadOptions:
         """The options this block offloads with."""
-        return self.offload_engine.options
+        return _engine_of(wrap_state(self)).options
 
-    def _wrapped_forward(self, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        engine = self.offload_engine
+    def __ckpt_forward__(self, state: WrapState, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        engine = _engine_of(state)
         if not engine.active_for(self, args, kwargs):
             return inner(*args, **kwargs)
         with engine.saving(self):
             try:
                 return inner(*args, **kwargs)
             except BaseException as error:
-                self._ckpt_annotate(error, "running")
+                annotate_error(self, error, "running")
                 raise
+
+
+def _engine_of(state: WrapState) -> OffloadEngine:
+    if state.engine is None:  # a block built by calling its class: default options
+        state.engine = OffloadEngine()
+    return state.engine
 
 
 def _engine_for(engine: OffloadEngine | None, options: dict[str, Any]) -> tuple[OffloadEngine, bool]:
@@ -125,21 +127,5 @@ def offload_wrapper(module: nn.Module, *, engine: OffloadEngine | None = None, *
         True
     """
     chosen, made_here = _engine_for(engine, options)
-    wrapped = OffloadWrapper._install(module)
-    wrapped.__dict__.update(_ckpt_offload_engine=chosen, _ckpt_engine_private=made_here)
-    return wrapped  # type: ignore[return-value]
-
-
-def _share_engines(modules: Iterable[nn.Module]) -> None:
-    """Give blocks wrapped together, each with an engine of its own and equal options, one engine.
-
-    One pool serves them all, and backward can prefetch a block's tensors while the next computes:
-    neither works across separate engines.
-    """
-    shared: dict[OffloadOptions, OffloadEngine] = {}
-    for module in modules:
-        state = module.__dict__
-        if state.get("_ckpt_engine_private"):
-            engine = state["_ckpt_offload_engine"]
-            state["_ckpt_offload_engine"] = shared.setdefault(engine.options, engine)
-            state["_ckpt_engine_private"] = False
+    install(OffloadWrapper, module, engine=chosen, engine_mergeable=made_here)
+    return module  # type: ignore[return-value]

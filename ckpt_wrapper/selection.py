@@ -23,12 +23,12 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_wrapper.wrapper import ActivationWrapper
+from ckpt_wrapper.state import ActivationWrapper
 
-__all__ = ["BlockSelector", "by_class", "by_class_name", "by_name", "every_nth", "first_n", "all_but_last"]
+__all__ = ["walk", "BlockSelector", "by_class", "by_class_name", "by_name", "every_nth", "first_n", "all_but_last"]
 
 
-def _walk(model: nn.Module, matches: Callable[[str, nn.Module], bool]) -> Iterator[tuple[str, nn.Module]]:
+def walk(model: nn.Module, matches: Callable[[str, nn.Module], bool]) -> Iterator[tuple[str, nn.Module]]:
     """Pre-order (name, module) pairs that match, never descending into a match or a wrapped block."""
 
     def visit(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -64,7 +64,7 @@ class BlockSelector:
 
     def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The ``(fully qualified name, module)`` pairs of ``model`` this selector picks, in order."""
-        return list(_walk(model, self.matches))
+        return list(walk(model, self.matches))
 
     def __call__(self, module: nn.Module) -> bool:
         # Lets a selector stand in for a plain check_fn (for example with PyTorch's own

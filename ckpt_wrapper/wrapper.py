@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copyreg
+import dataclasses
 import enum
 import functools
 import inspect
@@ -34,8 +34,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ckpt_wrapper.offload_engine import OffloadEngine, OffloadOptions
+from ckpt_wrapper.state import ActivationWrapper, WrapState, annotate_error, compat_attribute, install, unwrap, wrap_state
 
-__all__ = ["CheckpointImpl", "CheckpointWrapper", "ActivationWrapper", "checkpoint_wrapper", "unwrap"]
+__all__ = ["CheckpointImpl", "CheckpointOptions", "CheckpointWrapper", "ActivationWrapper", "checkpoint_wrapper", "unwrap"]
 
 
 class CheckpointImpl(enum.Enum):
@@ -69,120 +70,6 @@ class CheckpointImpl(enum.Enum):
         )
 
 
-# Generated classes, one per (wrapper kind, block class). A memo, not state: the same inputs always
-# give the same class, which keeps `type(a) is type(b)` true for two wrapped blocks of one class.
-_GENERATED: dict[tuple[type, type], type] = {}
-
-
-def _generated_class(kind: type[ActivationWrapper], original: type[nn.Module]) -> type:
-    key = (kind, original)
-    cls = _GENERATED.get(key)
-    if cls is None:
-        # Same name, qualname and module as the block's class: configs that name blocks by class name
-        # (HF `_no_split_modules`, accelerate `transformer_cls_names_to_wrap`) still find them.
-        namespace = {
-            "__module__": original.__module__,
-            "__qualname__": original.__qualname__,
-            "_ckpt_original_class": original,
-        }
-        cls = type(original.__name__, (kind, original), namespace)
-        _GENERATED[key] = cls
-    return cls
-
-
-def _rebuild(kind: type[ActivationWrapper], original: type[nn.Module]) -> ActivationWrapper:
-    # Unpickling entry point: generated classes cannot be found by name, so pickle stores how to make one.
-    return object.__new__(_generated_class(kind, original))
-
-
-class ActivationWrapper(nn.Module):
-    """Base of the transparent wrappers; a block is one when its class was swapped by ``_install``.
-
-    Subclasses implement ``_wrapped_forward(inner, args, kwargs)``, where ``inner`` runs the block's
-    own forward. Not constructed directly: use ``checkpoint_wrapper`` or ``offload_wrapper``. (Calling a
-    wrapped block's class, ``type(block)(...)``, runs the block's own ``__init__`` and gives a block
-    wrapped with default options.)
-    """
-
-    _ckpt_original_class: type[nn.Module]
-    _ckpt_fqn: str
-
-    @classmethod
-    def _install(cls, module: nn.Module, fqn: str | None = None) -> ActivationWrapper:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"expected an nn.Module to wrap, got {type(module).__name__}")
-        if isinstance(module, ActivationWrapper):
-            raise ValueError(
-                f"module {module._ckpt_label()} is already wrapped by {_kind_of(type(module)).__name__}; "
-                "wrapping twice would recompute twice. Call ckpt_wrapper.unwrap(module) first to rewrap."
-            )
-        module.__class__ = _generated_class(cls, type(module))
-        # An instance-level forward (set by hooks some libraries install) would bypass the class's
-        # forward and so the checkpoint; absorb it as the inner forward instead.
-        module.__dict__["_ckpt_inner_forward"] = module.__dict__.pop("forward", None)
-        module.__dict__["_ckpt_fqn"] = fqn if fqn is not None else ""
-        return module  # type: ignore[return-value]
-
-    def _ckpt_label(self) -> str:
-        name = self.__dict__.get("_ckpt_fqn") or "<unnamed>"
-        return f"'{name}' ({self._ckpt_original_class.__name__})"
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inner = self.__dict__.get("_ckpt_inner_forward") or functools.partial(
-            self._ckpt_original_class.forward, self
-        )
-        if torch.is_grad_enabled():
-            return self._wrapped_forward(inner, args, kwargs)
-        # Nothing is saved for backward, so there is nothing to drop, recompute or offload.
-        try:
-            return inner(*args, **kwargs)
-        except BaseException as error:
-            self._ckpt_annotate(error, "running")
-            raise
-
-    def _wrapped_forward(self, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError
-
-    def _get_name(self) -> str:
-        # Shown by print(model) only; type(self).__name__ is left as the block's class name.
-        return f"{self._ckpt_original_class.__name__}[{self._ckpt_repr_tag}]"
-
-    _ckpt_repr_tag = "wrapped"
-
-    @property
-    def _checkpoint_wrapped_module(self) -> nn.Module:
-        """The block itself; kept so code written against PyTorch's wrapper keeps working."""
-        return self
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        reduced = super().__reduce_ex__(protocol)
-        cls = type(self)
-        if isinstance(reduced, tuple) and reduced[0] is copyreg.__newobj__ and reduced[1][0] is cls:
-            key = (_kind_of(cls), self._ckpt_original_class)
-            if _GENERATED.get(key) is cls:
-                return (_rebuild, key, *reduced[2:])
-        return reduced
-
-    def _ckpt_annotate(self, error: BaseException, phase: str) -> None:
-        # torch signals early stop of recomputation with an internal exception: it is control flow.
-        if type(error).__name__ == "_StopRecomputationError" or getattr(error, "_ckpt_annotated", False):
-            return
-        error._ckpt_annotated = True  # type: ignore[attr-defined]
-        error.add_note(f"ckpt_wrapper: raised while {phase} block {self._ckpt_label()}")
-
-
-_KINDS: set[type] = set()
-
-
-def _register_kind(cls: type[ActivationWrapper]) -> type[ActivationWrapper]:
-    _KINDS.add(cls)
-    return cls
-
-
-def _kind_of(cls: type) -> type[ActivationWrapper]:
-    return next(c for c in cls.__mro__ if c in _KINDS)
-
-
 _CHECKPOINT_OPTIONS = frozenset(
     name
     for name in inspect.signature(torch_checkpoint.checkpoint).parameters
@@ -190,7 +77,21 @@ _CHECKPOINT_OPTIONS = frozenset(
 ) | {"preserve_rng_state"}
 
 
-@_register_kind
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointOptions:
+    """How a ``CheckpointWrapper`` checkpoints (kept in the block's ``WrapState.options``)."""
+
+    impl: CheckpointImpl = CheckpointImpl.NO_REENTRANT
+    """The ``torch.utils.checkpoint`` implementation."""
+    fn: Callable[..., Any] | None = None
+    """The user's replacement for ``torch.utils.checkpoint.checkpoint``, if one was given."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options passed to the checkpoint function (``preserve_rng_state``, ``context_fn``, ...)."""
+
+
+_DEFAULT_OPTIONS = CheckpointOptions()
+
+
 class CheckpointWrapper(ActivationWrapper):
     """A block whose activations are dropped in forward and recomputed in backward.
 
@@ -207,25 +108,25 @@ class CheckpointWrapper(ActivationWrapper):
         torch.Size([8, 8])
     """
 
-    _ckpt_repr_tag = "checkpointed"
+    __ckpt_tag__ = "checkpointed"
 
-    @property
+    @compat_attribute
     def checkpoint_impl(self) -> CheckpointImpl:
         """The checkpoint implementation in use (as on PyTorch's wrapper)."""
-        return self.__dict__.get("_ckpt_impl", CheckpointImpl.NO_REENTRANT)
+        return (wrap_state(self).options or _DEFAULT_OPTIONS).impl
 
-    @property
+    @compat_attribute
     def offload_engine(self) -> OffloadEngine | None:
         """The engine the block's saved inputs are offloaded through, when ``offload`` was asked for."""
-        return self.__dict__.get("_ckpt_offload_engine")
+        return wrap_state(self).engine
 
-    @property
+    @compat_attribute
     def checkpoint_fn(self) -> Callable[..., Any] | None:
         """The user's replacement for ``torch.utils.checkpoint.checkpoint``, if one was given."""
-        return self.__dict__.get("_ckpt_fn")
+        return (wrap_state(self).options or _DEFAULT_OPTIONS).fn
 
-    def _wrapped_forward(self, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        options = self.__dict__.get("_ckpt_options", {})
+    def __ckpt_forward__(self, state: WrapState, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        options = state.options or _DEFAULT_OPTIONS
         calls = 0
 
         def run(*call_args: Any, **call_kwargs: Any) -> Any:
@@ -235,18 +136,18 @@ class CheckpointWrapper(ActivationWrapper):
             try:
                 return inner(*call_args, **call_kwargs)
             except BaseException as error:
-                self._ckpt_annotate(error, "running" if calls <= 1 else "recomputing")
+                annotate_error(self, error, "running" if calls <= 1 else "recomputing")
                 raise
 
-        engine = self.__dict__.get("_ckpt_offload_engine")
+        engine = state.engine
         saving = engine.saving(self) if engine is not None and engine.active_for(self, args, kwargs) else _NO_CONTEXT
         with saving:  # only what the checkpoint itself saves (the block's inputs) passes through it
-            if self.checkpoint_impl is CheckpointImpl.REENTRANT and self.checkpoint_fn is None:
-                return _reentrant(run, args, kwargs, options)
+            if options.impl is CheckpointImpl.REENTRANT and options.fn is None:
+                return _reentrant(run, args, kwargs, options.kwargs)
             # Keyword arguments travel in a closure: passed to checkpoint(), they could collide with its
             # own options (a block taking `debug=` or `context_fn=`).
             bound = functools.partial(_call_with, run, kwargs)
-            return (self.checkpoint_fn or _non_reentrant)(bound, *args, **options)
+            return (options.fn or _non_reentrant)(bound, *args, **options.kwargs)
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -363,44 +264,6 @@ def checkpoint_wrapper(
         engine, private = OffloadEngine(), True
     elif offload is not False:
         raise TypeError(f"offload must be a bool, OffloadOptions or OffloadEngine; got {type(offload).__name__}")
-    wrapped = CheckpointWrapper._install(module)
-    wrapped.__dict__.update(_ckpt_impl=impl, _ckpt_fn=checkpoint_fn, _ckpt_options=options,
-                            _ckpt_offload_engine=engine, _ckpt_engine_private=private)
-    return wrapped  # type: ignore[return-value]
-
-
-def _check_unwrappable(module: ActivationWrapper) -> None:
-    if _GENERATED.get((_kind_of(type(module)), module._ckpt_original_class)) is not type(module):
-        raise ValueError(
-            f"cannot unwrap {module._ckpt_label()}: its class was changed again after wrapping "
-            f"(now {type(module).__qualname__}, e.g. by fully_shard). Remove checkpointing before "
-            "sharding, or rebuild the model."
-        )
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Undo ``checkpoint_wrapper`` / ``offload_wrapper`` on one module, in place, and return it.
-
-    Modules that are not wrapped are returned unchanged.
-
-    Raises:
-        ValueError: if the block's class was changed again after wrapping (``fully_shard`` does this).
-
-    Example:
-        >>> import torch
-        >>> from ckpt_wrapper import checkpoint_wrapper, unwrap, CheckpointWrapper
-        >>> layer = checkpoint_wrapper(torch.nn.Linear(2, 2))
-        >>> isinstance(unwrap(layer), CheckpointWrapper)
-        False
-    """
-    if not isinstance(module, ActivationWrapper):
-        return module
-    _check_unwrappable(module)
-    state = module.__dict__
-    inner_forward = state.pop("_ckpt_inner_forward", None)
-    for key in [k for k in state if k.startswith("_ckpt_")]:
-        del state[key]
-    module.__class__ = module._ckpt_original_class
-    if inner_forward is not None:
-        state["forward"] = inner_forward
-    return module
+    install(CheckpointWrapper, module, options=CheckpointOptions(impl=impl, fn=checkpoint_fn, kwargs=options),
+            engine=engine, engine_mergeable=private)
+    return module  # type: ignore[return-value]

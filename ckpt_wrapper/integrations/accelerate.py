@@ -38,7 +38,8 @@ from torch import nn
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
 from ckpt_wrapper.selection import by_class_name
-from ckpt_wrapper.wrapper import ActivationWrapper, checkpoint_wrapper, unwrap
+from ckpt_wrapper.state import ActivationWrapper, original_class, unwrap
+from ckpt_wrapper.wrapper import checkpoint_wrapper
 
 __all__ = ["apply_checkpointing", "block_class_names"]
 
@@ -75,11 +76,6 @@ def _is_transformer_policy(plugin: Any) -> bool:
 
     policy = plugin.auto_wrap_policy
     return (policy.func if isinstance(policy, functools.partial) else policy) is transformer_auto_wrap_policy
-
-
-def _original_class(module: nn.Module) -> type:
-    cls = type(module)
-    return cls._ckpt_original_class if issubclass(cls, ActivationWrapper) else cls
 
 
 def block_class_names(accelerator: Any, model: nn.Module) -> list[str]:
@@ -209,19 +205,19 @@ def _keep_plugin_finding_blocks(plugin: Any, model: nn.Module, names: list[str])
     from accelerate.utils.dataclasses import get_module_class_from_name
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    blocks = [(fqn, m) for fqn, m in model.named_modules() if _original_class(m).__name__ in names]
-    if {_original_class(m).__name__ for _, m in blocks} != set(names):
+    blocks = [(fqn, m) for fqn, m in model.named_modules() if original_class(m).__name__ in names]
+    if {original_class(m).__name__ for _, m in blocks} != set(names):
         return  # a name matches no module: prepare raises accelerate's own error for it
     if getattr(plugin, "fsdp_version", 1) == 1:  # accelerate < 1.6 knows FSDP1 only
         # FSDP1 uses a resolved policy as given: prepare re-resolves only the bare function. A policy the
         # user resolved already is left alone.
         if plugin.auto_wrap_policy is transformer_auto_wrap_policy:
-            classes = {_original_class(m) for _, m in blocks}
+            classes = {original_class(m) for _, m in blocks}
             plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
         return
     # FSDP2 re-resolves the names inside prepare; only the selection can keep them resolvable.
     resolved = {name: get_module_class_from_name(model, name) for name in names}
-    hidden = [fqn for fqn, m in blocks if not isinstance(m, resolved[_original_class(m).__name__])]
+    hidden = [fqn for fqn, m in blocks if not isinstance(m, resolved[original_class(m).__name__])]
     if hidden:
         first = next(fqn for fqn, m in blocks if isinstance(m, ActivationWrapper))
         raise ValueError(

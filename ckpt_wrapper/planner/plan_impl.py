@@ -331,7 +331,7 @@ def plan(
 
 def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_fn: Any, strategies: Any,
                measure: str, cost: str, repeats: int) -> Plan:
-    from ckpt_wrapper.selection import BlockSelector, _walk
+    from ckpt_wrapper.selection import BlockSelector, walk
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -340,7 +340,7 @@ def _plan_here(model: nn.Module, batch: Any, memory_budget: float | int, check_f
     elif isinstance(check_fn, BlockSelector):
         blocks = check_fn.select(model)
     else:
-        blocks = list(_walk(model, lambda name, module: bool(check_fn(module))))
+        blocks = list(walk(model, lambda name, module: bool(check_fn(module))))
     if not blocks:
         raise ValueError("plan: check_fn selected no block")
 
