@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckpt_wrapper.replay import UpdatedBuffers
+
 __all__ = [
     "ActivationWrapper",
     "WrapState",
@@ -64,6 +66,8 @@ class WrapState:
     """Whether the engine was made for this block alone, so blocks wrapped together may share one."""
     inner_forward: Callable[..., Any] | None = None
     """An instance-level ``forward`` the block had before wrapping (some libraries set one)."""
+    updated_buffers: UpdatedBuffers = dataclasses.field(default_factory=UpdatedBuffers)
+    """Which buffers the block's forward updates in place (learned), so a recompute can undo it."""
 
 
 # Generated classes, one per (wrapper kind, block class). A memo, not state: the same inputs always

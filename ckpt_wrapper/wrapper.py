@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ckpt_wrapper.offload_engine import OffloadEngine, OffloadOptions
+from ckpt_wrapper.replay import ForwardRecord
 from ckpt_wrapper.state import ActivationWrapper, WrapState, annotate_error, compat_attribute, install, unwrap, wrap_state
 
 __all__ = ["CheckpointImpl", "CheckpointOptions", "CheckpointWrapper", "ActivationWrapper", "checkpoint_wrapper", "unwrap"]
@@ -128,16 +129,28 @@ class CheckpointWrapper(ActivationWrapper):
     def __ckpt_forward__(self, state: WrapState, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         options = state.options or _DEFAULT_OPTIONS
         calls = 0
+        record: ForwardRecord | None = None
 
         def run(*call_args: Any, **call_kwargs: Any) -> Any:
-            nonlocal calls
-            if not torch.compiler.is_compiling():  # a side effect dynamo cannot trace inside the checkpoint op
+            nonlocal calls, record
+            replay: Any = _NO_CONTEXT
+            # Side effects dynamo cannot trace inside the checkpoint op; compiled graphs apply buffer
+            # mutations once, after the forward graph, so there is nothing to undo there.
+            if not torch.compiler.is_compiling():
                 calls += 1
+                if calls == 1:
+                    record = ForwardRecord(self, state.updated_buffers, call_args, call_kwargs)
+                elif record is not None:
+                    replay = record.replay()
             try:
-                return inner(*call_args, **call_kwargs)
+                with replay:
+                    out = inner(*call_args, **call_kwargs)
             except BaseException as error:
                 annotate_error(self, error, "running" if calls <= 1 else "recomputing")
                 raise
+            if calls == 1 and record is not None:
+                record.finish_forward()
+            return out
 
         engine = state.engine
         saving = engine.saving(self) if engine is not None and engine.active_for(self, args, kwargs) else _NO_CONTEXT

@@ -1,0 +1,149 @@
+"""What a recompute must not redo: buffer updates and draws from explicit generators.
+
+Checkpointing runs a block's forward twice, once in forward and once in backward. A forward that
+updates a buffer (BatchNorm's running statistics and ``num_batches_tracked``, an EMA under
+``no_grad``) would update it twice per step, and a forward that draws from an explicit
+``torch.Generator`` would draw different numbers the second time (``torch.utils.checkpoint`` restores
+only the global RNG states). ``ForwardRecord`` takes the block's buffer and generator state when the
+forward runs; around the recompute it puts the forward's inputs back (buffers as they were before
+the forward, generators at their state then), and afterwards restores what the recompute found, so
+the recompute sees exactly what the forward saw and leaves no trace.
+
+The cost: one pass over the block's buffers per forward (references and version counters, no
+copies), a copy of each buffer the block is known to update in place (learned on its first forward,
+when every buffer is copied once), and the state of each generator the forward can reach (a module
+attribute of the block, or an argument).
+
+Example:
+    >>> import torch
+    >>> from ckpt_wrapper import checkpoint_wrapper
+    >>> block = checkpoint_wrapper(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)))
+    >>> block(torch.randn(8, 4, requires_grad=True)).sum().backward()
+    >>> int(block[1].num_batches_tracked)  # once, although the forward ran twice
+    1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
+
+__all__ = ["ForwardRecord", "UpdatedBuffers"]
+
+
+@contextlib.contextmanager
+def _bookkeeping():
+    # Copies made here are not part of the block's computation: hidden from autograd, from dispatch
+    # modes that count or cache the forward's ops (selective checkpointing's, FLOP counters), and
+    # from version counters (x.data does not share x's), so the tensors autograd saved in the
+    # recompute stay valid after their values are put back.
+    with torch.no_grad(), _disable_current_modes():
+        yield
+
+
+class UpdatedBuffers:
+    """Which buffers of one block its forward updates in place: learned, kept in the block's state."""
+
+    def __init__(self) -> None:
+        self.learned = False
+        """Whether one forward has been seen (before it, every buffer is copied)."""
+        self.names: frozenset[str] = frozenset()
+        """Names (relative to the block) of the buffers the forward updated in place."""
+
+
+def _generators(block: nn.Module, args: tuple, kwargs: dict) -> list[torch.Generator]:
+    found = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Generator)]
+    for module in block.modules():
+        found += [value for value in vars(module).values() if isinstance(value, torch.Generator)]
+    unique: dict[int, torch.Generator] = {}
+    for generator in found:
+        unique.setdefault(id(generator), generator)
+    return list(unique.values())
+
+
+class ForwardRecord:
+    """The state one forward of ``block`` started from, and the means to replay it in a recompute."""
+
+    def __init__(self, block: nn.Module, updated: UpdatedBuffers, args: tuple, kwargs: dict) -> None:
+        self.block, self.updated = block, updated
+        self.before = {name: (b, b._version) for name, b in block.named_buffers(remove_duplicate=False) if b is not None}
+        wanted = self.before if not updated.learned else updated.names
+        # Copies only of what the forward may overwrite in place; a buffer it replaces keeps its old object.
+        with _bookkeeping():
+            self.copies = {name: self.before[name][0].clone() for name in wanted if name in self.before}
+            self.generators = [(g, g.get_state()) for g in _generators(block, args, kwargs)]
+        self.in_place: dict[str, torch.Tensor | None] = {}
+        self.replaced: dict[str, torch.Tensor] = {}
+
+    def finish_forward(self) -> None:
+        """Note which buffers the forward changed; keep the pre-forward values of those only."""
+        now = dict(self.block.named_buffers(remove_duplicate=False))
+        with _bookkeeping():
+            self._compare(now)
+        self.updated.names = self.updated.names | set(self.in_place) if self.updated.learned else frozenset(self.in_place)
+        self.updated.learned = True
+        self.before, self.copies = {}, {}
+
+    def _compare(self, now: dict[str, torch.Tensor]) -> None:
+        for name, (buffer, version) in self.before.items():
+            if now.get(name) is not buffer:
+                self.replaced[name] = buffer  # the old object is the old value
+            elif name in self.updated.names or buffer._version != version or (
+                # Kernels such as batch norm's update running statistics without bumping the version
+                # counter: on the first forward, when every buffer was copied, compare the values too.
+                not self.updated.learned and not torch.equal(self.copies[name], buffer)
+            ):
+                # None: updated in place for the first time after the block's first forward (an update
+                # that is conditional). The recompute still leaves no trace, but reads the updated value.
+                self.in_place[name] = self.copies.get(name)
+
+    def replay(self) -> _Replay:
+        """A context for the recompute: the forward's starting state inside, the present one after."""
+        return _Replay(self)
+
+
+def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = name.rpartition(".")
+    return (block.get_submodule(parent) if parent else block), leaf
+
+
+class _Replay:
+    def __init__(self, record: ForwardRecord) -> None:
+        self.record = record
+        self.restore: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self.generator_states: list[tuple[torch.Generator, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        record = self.record
+        with _bookkeeping():
+            for name, before in record.in_place.items():
+                owner, leaf = _owner(record.block, name)
+                current = owner._buffers[leaf]
+                self.restore.append((current, current.clone()))
+                if before is not None:
+                    current.data.copy_(before)
+        for name, before in record.replaced.items():
+            owner, leaf = _owner(record.block, name)
+            self.swapped.append((owner, leaf, owner._buffers[leaf]))
+            owner._buffers[leaf] = before
+        with _bookkeeping():
+            for generator, state in record.generators:
+                self.generator_states.append((generator, generator.get_state()))
+                generator.set_state(state)
+
+    def __exit__(self, *exc: Any) -> None:
+        with _bookkeeping():
+            for current, saved in self.restore:
+                current.data.copy_(saved)
+        for owner, leaf, current in self.swapped:
+            owner._buffers[leaf] = current
+        with _bookkeeping():
+            for generator, state in self.generator_states:
+                generator.set_state(state)
