@@ -54,6 +54,8 @@ def cheap_modules(block: nn.Module) -> list[str]:
     return [
         name for name, module in block.named_modules()
         if name and (isinstance(module, _CHEAP_TYPES) or type(module).__name__.endswith(_CHEAP_NAMES))
+        # An in-place module overwrites its input, the one thing its output would be rebuilt from.
+        and not getattr(module, "inplace", False)
     ]
 
 
@@ -66,14 +68,21 @@ def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
 class _Recipe:
     """How to rebuild one saved tensor: call ``module`` on ``args`` again and view the result."""
 
-    __slots__ = ("module", "args", "autocast", "dtype", "offset", "size", "stride", "nbytes")
+    __slots__ = ("module", "args", "versions", "autocast", "dtype", "offset", "size", "stride", "nbytes")
 
-    def __init__(self, module: nn.Module, args: tuple, autocast: list, tensor: torch.Tensor) -> None:
-        self.module, self.args, self.autocast = module, args, autocast
+    def __init__(self, module: nn.Module, args: tuple, versions: tuple, autocast: list, tensor: torch.Tensor) -> None:
+        self.module, self.args, self.versions, self.autocast = module, args, versions, autocast
         self.dtype, self.offset, self.size, self.stride = tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride()
         self.nbytes = tensor.untyped_storage().nbytes()
 
     def rebuild(self) -> torch.Tensor:
+        if _versions(self.args) != self.versions:
+            # The inputs no longer hold what the forward saw: rebuilding would give other values.
+            raise RuntimeError(
+                f"ckpt_wrapper: cannot recompute the output of {type(self.module).__name__}: one of its inputs was "
+                "modified in place after the forward used it (so its own backward would fail too). Make the "
+                "in-place op out of place, or leave the module out of cheap_recompute_wrapper(modules=...)."
+            )
         contexts = [torch.autocast(device_type, dtype=dtype, enabled=enabled) for device_type, enabled, dtype in self.autocast]
         with torch.no_grad():
             for context in contexts:
@@ -93,34 +102,50 @@ class _Recipe:
         return torch.empty(0, dtype=self.dtype, device=out.device).set_(storage, self.offset, self.size, self.stride)
 
 
+def _versions(args: tuple) -> tuple:
+    return tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
+
+
 class _Recorder:
     """One forward of one block: which storages are cheap outputs, and the pack/unpack pair."""
 
     def __init__(self) -> None:
-        self.outputs: dict[StorageWeakRef, tuple[StorageWeakRef, nn.Module, tuple, list, int]] = {}
+        self.outputs: dict[StorageWeakRef, tuple[StorageWeakRef, nn.Module, tuple, tuple, list, int]] = {}
+        self.entry_versions: dict[int, list[tuple]] = {}
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        # Versions before the module runs: a module that writes into its input (inplace=True) changes them.
+        self.entry_versions.setdefault(id(module), []).append(_versions(args))
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if type(output) is torch.Tensor and output.requires_grad and all(
-            type(a) is torch.Tensor or not isinstance(a, torch.Tensor) for a in args
-        ):
+        before = self.entry_versions.get(id(module), [])
+        versions = before.pop() if before else None
+        if type(output) is not torch.Tensor or not output.requires_grad or versions != _versions(args):
+            return  # an in-place module: its input is gone, so its output cannot be rebuilt from it
+        if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+               for a in args):
+            return  # output shares its input's memory: same reason
+        if all(type(a) is torch.Tensor or not isinstance(a, torch.Tensor) for a in args):
             key = StorageWeakRef(output.untyped_storage())
             # Inputs weakly: they are kept alive by the module's own backward when it matters, and a
             # recorder must never be what keeps an activation alive.
             weak_args = tuple(weakref.ref(a) if isinstance(a, torch.Tensor) else a for a in args)
-            self.outputs[key] = (key, module, weak_args, _autocast_state(output.device.type), output._version)
+            self.outputs[key] = (key, module, weak_args, versions, _autocast_state(output.device.type), output._version)
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if type(tensor) is not torch.Tensor:
             return _Kept(tensor)
         found = self.outputs.get(StorageWeakRef(tensor.untyped_storage()))
-        # The stored key, not a new one: a dead storage's address may have been handed out again.
-        if found is None or found[0].expired() or found[4] != tensor._version:
+        # The stored key, not a new one: a dead storage's address may have been handed out again. A
+        # version other than the recorded one means the output was modified in place since (by an
+        # in-place activation after a norm, say): the tensor is kept as it is.
+        if found is None or found[0].expired() or found[5] != tensor._version:
             return _Kept(tensor)
-        _, module, weak_args, autocast, _ = found
+        _, module, weak_args, versions, autocast, _ = found
         args = tuple(a() if isinstance(a, weakref.ref) else a for a in weak_args)
-        if any(a is None for a in args):
+        if any(a is None for a in args) or _versions(args) != versions:
             return _Kept(tensor)
-        return _Recipe(module, args, autocast, tensor)
+        return _Recipe(module, args, versions, autocast, tensor)
 
     @staticmethod
     def unpack(packed: Any) -> torch.Tensor:
@@ -179,7 +204,9 @@ class CheapRecomputeWrapper(ActivationWrapper):
     def __ckpt_forward__(self, state: WrapState, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         recorder = _Recorder()
         # Hooks live only for this call: nothing persistent to deep-copy, pickle or leak.
-        handles = [self.get_submodule(name).register_forward_hook(recorder.hook) for name in _modules_of(self, state)]
+        modules = [self.get_submodule(name) for name in _modules_of(self, state)]
+        handles = [m.register_forward_pre_hook(recorder.pre_hook) for m in modules]
+        handles += [m.register_forward_hook(recorder.hook) for m in modules]
         try:
             with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
                 return inner(*args, **kwargs)

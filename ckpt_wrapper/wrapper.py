@@ -130,6 +130,11 @@ class CheckpointWrapper(ActivationWrapper):
         options = state.options or _DEFAULT_OPTIONS
         calls = 0
         record: ForwardRecord | None = None
+        # A selective policy caches op outputs; a module that then writes into one in place
+        # (ReLU(inplace=True)) would corrupt the cache. Out of place, the values are the same.
+        out_of_place = (
+            _OutOfPlace(self) if "context_fn" in options.kwargs and not torch.compiler.is_compiling() else _NO_CONTEXT
+        )
 
         def run(*call_args: Any, **call_kwargs: Any) -> Any:
             nonlocal calls, record
@@ -143,10 +148,12 @@ class CheckpointWrapper(ActivationWrapper):
                 elif record is not None:
                     replay = record.replay()
             try:
-                with replay:
+                with replay, out_of_place:
                     out = inner(*call_args, **call_kwargs)
             except BaseException as error:
                 annotate_error(self, error, "running" if calls <= 1 else "recomputing")
+                if isinstance(out_of_place, _OutOfPlace):
+                    out_of_place.explain(error)
                 raise
             if calls == 1 and record is not None:
                 record.finish_forward()
@@ -164,6 +171,36 @@ class CheckpointWrapper(ActivationWrapper):
 
 
 _NO_CONTEXT = contextlib.nullcontext()
+
+
+# In-place forms whose backward differs from the out-of-place one (it reads the output, not the
+# input), so switching them would change gradients in the last bits: they stay in place.
+_OWN_INPLACE_BACKWARD = (nn.ELU, nn.CELU, nn.SELU)
+
+
+class _OutOfPlace:
+    """Within the context, the block's modules flagged ``inplace=True`` run out of place."""
+
+    def __init__(self, block: nn.Module) -> None:
+        flagged = [(name, m) for name, m in block.named_modules() if getattr(m, "inplace", None) is True]
+        self.modules = [m for _, m in flagged if not isinstance(m, _OWN_INPLACE_BACKWARD)]
+        self.kept = [f"'{name}' ({type(m).__name__})" for name, m in flagged if isinstance(m, _OWN_INPLACE_BACKWARD)]
+
+    def explain(self, error: BaseException) -> None:
+        """Name the in-place modules left in place when selective checkpointing saw a cached tensor change."""
+        if self.kept and "has been mutated" in str(error):
+            error.add_note(
+                f"ckpt_wrapper: in-place module(s) {', '.join(self.kept)} wrote into a tensor the selective policy "
+                "saved; construct them with inplace=False, or checkpoint this block fully."
+            )
+
+    def __enter__(self) -> None:
+        for module in self.modules:
+            module.inplace = False
+
+    def __exit__(self, *exc: Any) -> None:
+        for module in self.modules:
+            module.inplace = True
 
 
 def _call_with(run: Callable[..., Any], kwargs: dict, *args: Any) -> Any:
