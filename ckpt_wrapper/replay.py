@@ -57,8 +57,8 @@ class UpdatedBuffers:
         """Names (relative to the block) of the buffers the forward updated in place."""
 
 
-def _generators(block: nn.Module, args: tuple, kwargs: dict) -> list[torch.Generator]:
-    found = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Generator)]
+def _generators(block: nn.Module, leaves: list[Any]) -> list[torch.Generator]:
+    found = [leaf for leaf in leaves if isinstance(leaf, torch.Generator)]
     for module in block.modules():
         found += [value for value in vars(module).values() if isinstance(value, torch.Generator)]
     unique: dict[int, torch.Generator] = {}
@@ -75,20 +75,31 @@ class ForwardRecord:
         self.before = {name: (b, b._version) for name, b in block.named_buffers(remove_duplicate=False) if b is not None}
         wanted = self.before if not updated.learned else updated.names
         # Copies only of what the forward may overwrite in place; a buffer it replaces keeps its old object.
+        leaves = pytree.tree_leaves((args, kwargs))
+        # The recompute reads the block's inputs again: the forward must not have changed them.
+        self.inputs = [(i, leaf, leaf._version) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         with _bookkeeping():
             self.copies = {name: self.before[name][0].clone() for name in wanted if name in self.before}
-            self.generators = [(g, g.get_state()) for g in _generators(block, args, kwargs)]
+            self.generators = [(g, g.get_state()) for g in _generators(block, leaves)]
         self.in_place: dict[str, torch.Tensor | None] = {}
         self.replaced: dict[str, torch.Tensor] = {}
 
-    def finish_forward(self) -> None:
-        """Note which buffers the forward changed; keep the pre-forward values of those only."""
+    def finish_forward(self) -> list[int]:
+        """Note which buffers the forward changed, keeping the pre-forward values of those only.
+
+        Returns:
+            The positions (among the flattened arguments) of input tensors the forward modified in
+            place; a recompute could not replay such a forward.
+        """
+        modified = [i for i, tensor, version in self.inputs if tensor._version != version]
+        self.inputs = []
         now = dict(self.block.named_buffers(remove_duplicate=False))
         with _bookkeeping():
             self._compare(now)
         self.updated.names = self.updated.names | set(self.in_place) if self.updated.learned else frozenset(self.in_place)
         self.updated.learned = True
         self.before, self.copies = {}, {}
+        return modified
 
     def _compare(self, now: dict[str, torch.Tensor]) -> None:
         for name, (buffer, version) in self.before.items():

@@ -97,55 +97,91 @@ class _Combined(BlockSelector):
         return f"({self.left.describe()}{joiner}{self.right.describe()})"
 
 
-class _ByClass(BlockSelector):
+class _EachMustMatch(BlockSelector):
+    """A selector given a list (of classes, names or patterns): each item must match some module."""
+
+    def items(self) -> list[Any]:
+        raise NotImplementedError
+
+    def item_matches(self, item: Any, name: str, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        return any(self.item_matches(item, name, module) for item in self.items())
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        chosen = super().select(model)
+        modules = [(name, m) for name, m in model.named_modules() if m is not model]
+        unmatched = [item for item in self.items() if not any(self.item_matches(item, n, m) for n, m in modules)]
+        if unmatched and len(unmatched) < len(self.items()):  # nothing at all matched: apply says so
+            shown = [_shown(item) for item in self.items()]
+            raise ValueError(
+                f"{self.describe()}: {', '.join(map(repr, map(_shown, unmatched)))} matched no module of "
+                f"{type(model).__name__} (the others, {[s for s in shown if s not in map(_shown, unmatched)]}, did). "
+                "A misspelt name would silently leave blocks unwrapped; fix or remove it. Module classes in the "
+                f"model: {', '.join(sorted({type(m).__name__ for _, m in modules}))}."
+            )
+        return chosen
+
+
+def _shown(item: Any) -> str:
+    if isinstance(item, type):
+        return item.__name__
+    return item.pattern if isinstance(item, re.Pattern) else str(item)
+
+
+class _ByClass(_EachMustMatch):
     def __init__(self, classes: tuple[type, ...]) -> None:
         bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
         if not classes or bad:
             raise TypeError(f"by_class expects nn.Module subclasses, got {bad or 'nothing'}")
         self.classes = classes
 
-    def matches(self, name: str, module: nn.Module) -> bool:
-        return isinstance(module, self.classes)
+    def items(self) -> list[Any]:
+        return list(self.classes)
+
+    def item_matches(self, item: Any, name: str, module: nn.Module) -> bool:
+        return isinstance(module, item)
 
     def describe(self) -> str:
         return f"by_class({', '.join(c.__name__ for c in self.classes)})"
 
 
-class _ByClassName(BlockSelector):
+class _ByClassName(_EachMustMatch):
     def __init__(self, names: tuple[str, ...]) -> None:
         flat = [part.strip() for item in names for part in _as_str(item, "by_class_name").split(",")]
         self.names = frozenset(part for part in flat if part)
         if not self.names:
             raise ValueError("by_class_name needs at least one class name, such as 'LlamaDecoderLayer'")
 
-    def matches(self, name: str, module: nn.Module) -> bool:
+    def items(self) -> list[Any]:
+        return sorted(self.names)
+
+    def item_matches(self, item: Any, name: str, module: nn.Module) -> bool:
         # Any class in the MRO counts, so a block still matches after fully_shard or wrapping
         # changed its concrete class; dotted names match the full import path.
-        for cls in type(module).__mro__:
-            if cls.__name__ in self.names or f"{cls.__module__}.{cls.__qualname__}" in self.names:
-                return True
-        return False
+        return any(cls.__name__ == item or f"{cls.__module__}.{cls.__qualname__}" == item for cls in type(module).__mro__)
 
     def describe(self) -> str:
         return f"by_class_name({', '.join(sorted(self.names))})"
 
 
-class _ByName(BlockSelector):
+class _ByName(_EachMustMatch):
     def __init__(self, patterns: tuple[str | re.Pattern[str], ...]) -> None:
         if not patterns:
             raise ValueError("by_name needs at least one pattern, such as 'layers.*'")
         self.patterns = [p if isinstance(p, re.Pattern) else _as_str(p, "by_name") for p in patterns]
 
-    def matches(self, name: str, module: nn.Module) -> bool:
+    def items(self) -> list[Any]:
+        return list(self.patterns)
+
+    def item_matches(self, item: Any, name: str, module: nn.Module) -> bool:
         if not name:
             raise TypeError(
                 "by_name selects by fully qualified name, which a plain check_fn call does not give; "
                 "pass it to ckpt_wrapper.apply_activation_checkpointing, which does."
             )
-        return any(
-            p.fullmatch(name) is not None if isinstance(p, re.Pattern) else fnmatch.fnmatchcase(name, p)
-            for p in self.patterns
-        )
+        return item.fullmatch(name) is not None if isinstance(item, re.Pattern) else fnmatch.fnmatchcase(name, item)
 
     def describe(self) -> str:
         shown = [p.pattern if isinstance(p, re.Pattern) else p for p in self.patterns]

@@ -34,8 +34,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ckpt_wrapper.offload_engine import OffloadEngine, OffloadOptions
+from ckpt_wrapper.reentrant import reentrant_checkpoint
 from ckpt_wrapper.replay import ForwardRecord
-from ckpt_wrapper.state import ActivationWrapper, WrapState, annotate_error, compat_attribute, install, unwrap, wrap_state
+from ckpt_wrapper.state import ActivationWrapper, WrapState, annotate_error, block_label, compat_attribute, install, unwrap, wrap_state
 
 __all__ = ["CheckpointImpl", "CheckpointOptions", "CheckpointWrapper", "ActivationWrapper", "checkpoint_wrapper", "unwrap"]
 
@@ -155,15 +156,19 @@ class CheckpointWrapper(ActivationWrapper):
                 if isinstance(out_of_place, _OutOfPlace):
                     out_of_place.explain(error)
                 raise
-            if calls == 1 and record is not None:
-                record.finish_forward()
+            if calls == 1 and record is not None and record.finish_forward():
+                raise RuntimeError(
+                    f"block {block_label(self)} modified one of its input tensors in place (an in-place op such as "
+                    "x.mul_() or x += ...), so its recompute in backward would start from other values. Make that op "
+                    "out of place (x = x * ...), or leave this block unwrapped."
+                )
             return out
 
         engine = state.engine
         saving = engine.saving(self) if engine is not None and engine.active_for(self, args, kwargs) else _NO_CONTEXT
         with saving:  # only what the checkpoint itself saves (the block's inputs) passes through it
             if options.impl is CheckpointImpl.REENTRANT and options.fn is None:
-                return _reentrant(run, args, kwargs, options.kwargs)
+                return reentrant_checkpoint(run, args, kwargs, options.kwargs, label=block_label(self))
             # Keyword arguments travel in a closure: passed to checkpoint(), they could collide with its
             # own options (a block taking `debug=` or `context_fn=`).
             bound = functools.partial(_call_with, run, kwargs)
@@ -209,34 +214,6 @@ def _call_with(run: Callable[..., Any], kwargs: dict, *args: Any) -> Any:
 
 def _non_reentrant(fn: Callable[..., Any], *args: Any, **options: Any) -> Any:
     return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False, **options)
-
-
-def _reentrant(run: Callable[..., Any], args: tuple, kwargs: dict, options: dict) -> Any:
-    """Reentrant checkpoint that keeps gradients when no input requires grad and returns any pytree.
-
-    Reentrant checkpoint is an autograd.Function: it only sees tensors passed positionally and only
-    connects tensors it returns directly. Non-tensor inputs are bound in a closure, outputs are
-    flattened, and a one-element tensor that requires grad is passed along so the Function is always
-    part of the graph (otherwise parameter gradients silently become None).
-    """
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-    out_spec: list[pytree.TreeSpec] = []
-
-    def flat_run(_anchor: torch.Tensor, *tensors: torch.Tensor) -> tuple:
-        rebuilt = list(leaves)
-        for slot, tensor in zip(tensor_slots, tensors):
-            rebuilt[slot] = tensor
-        call_args, call_kwargs = pytree.tree_unflatten(rebuilt, spec)
-        out_leaves, spec_out = pytree.tree_flatten(run(*call_args, **call_kwargs))
-        out_spec[:] = [spec_out]
-        return tuple(out_leaves)
-
-    anchor = torch.empty(0, requires_grad=True)
-    out = torch_checkpoint.checkpoint(
-        flat_run, anchor, *(leaves[i] for i in tensor_slots), use_reentrant=True, **options
-    )
-    return pytree.tree_unflatten(list(out), out_spec[0])
 
 
 def checkpoint_wrapper(

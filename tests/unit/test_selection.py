@@ -296,3 +296,24 @@ def test_every_nth_applied_twice_adds_the_rest(make_gpt) -> None:
     returned = apply_activation_checkpointing(model, check_fn=by_class(Block))
     assert returned == ["layers.1", "layers.3"]
     assert _wrapped_names(model) == BLOCKS
+
+
+@pytest.mark.parametrize(
+    "selector, missing",
+    [
+        (lambda: by_class_name("Block,MLPP"), "'MLPP'"),
+        (lambda: by_class_name("Block", "Nope"), "'Nope'"),
+        (lambda: by_name("layers.0", "layers.7"), "'layers.7'"),
+        (lambda: by_class(Block, torch.nn.Conv2d), "'Conv2d'"),
+        (lambda: every_nth(2, by_class_name("Block,MLPP")), "'MLPP'"),
+    ],
+)
+def test_every_name_in_a_selector_list_must_match(make_gpt, selector, missing: str) -> None:
+    """A list with one name that matches nothing is an error naming it and what did match; nothing is
+    wrapped. Caught on the main of 2026-12-01: the misspelt name was ignored and its blocks stayed
+    unwrapped without a word.
+    """
+    model = make_gpt()
+    with pytest.raises(ValueError, match=f"{missing} matched no module.*did"):
+        apply_activation_checkpointing(model, check_fn=selector())
+    assert not any(isinstance(m, CheckpointWrapper) for m in model.modules())
