@@ -70,10 +70,11 @@ def _collapse(output: Any) -> Any:
 
 
 def _hidden_tensors(leaf: Any) -> bool:
-    """Whether a leaf that is not a tensor still holds tensors that need gradients."""
+    """Whether a leaf that is not a tensor still holds tensors (the reentrant forward runs without
+    grad, so whether they will need gradients cannot be told there)."""
     if isinstance(leaf, torch.Tensor) or not hasattr(leaf, "__dict__"):
         return False
-    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(leaf).values())
+    return any(isinstance(v, torch.Tensor) for v in vars(leaf).values())
 
 
 class _NamedCheckpointFunction(CheckpointFunction):
@@ -104,8 +105,8 @@ def reentrant_checkpoint(run: Callable[..., Any], args: tuple, kwargs: dict, opt
         label: the block's name, for errors.
 
     Raises:
-        TypeError: if the output holds tensors that need gradients inside an object that cannot be
-            taken apart (gradients would be lost).
+        TypeError: if the output holds tensors inside an object that cannot be taken apart (their
+            gradients would be lost).
     """
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -120,7 +121,7 @@ def reentrant_checkpoint(run: Callable[..., Any], args: tuple, kwargs: dict, opt
         hidden = [type(leaf).__name__ for leaf in out_leaves if _hidden_tensors(leaf)]
         if hidden:
             raise TypeError(
-                f"block {label} returned {hidden[0]}, an object holding tensors that need gradients, which "
+                f"block {label} returned {hidden[0]}, an object holding tensors, which "
                 "CheckpointImpl.REENTRANT cannot see into (their gradients would be lost). Return tensors in "
                 "tuples, lists, dicts or dataclasses, or use CheckpointImpl.NO_REENTRANT (the default)."
             )
