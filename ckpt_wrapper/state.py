@@ -68,6 +68,8 @@ class WrapState:
     """An instance-level ``forward`` the block had before wrapping (some libraries set one)."""
     updated_buffers: UpdatedBuffers = dataclasses.field(default_factory=UpdatedBuffers)
     """Which buffers the block's forward updates in place (learned), so a recompute can undo it."""
+    entered: bool = False
+    """Whether the block's own forward is running (a forward or a recompute)."""
 
 
 # Generated classes, one per (wrapper kind, block class). A memo, not state: the same inputs always
@@ -150,9 +152,30 @@ class ActivationWrapper(nn.Module):
 
     __ckpt_tag__ = "wrapped"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A generated class is a technical subclass: the block's own class already ran its base
+        # classes' __init_subclass__ hooks (whose keyword arguments are unknown here), and a registry
+        # they keep should not list wrapper classes.
+        if "__ckpt_original__" not in cls.__dict__:
+            super().__init_subclass__(**kwargs)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # FSDP2's classes construct their unsharded class instead (`type(block)(...)`, slicing an
+        # nn.Sequential); mirror that under the wrapper, which a construction keeps, with defaults.
+        target = _construction_target(cls) if args or kwargs else None
+        if target is None:
+            return object.__new__(cls)  # not super(): FSDP2's __new__ assumes it is first in the MRO
+        block = object.__new__(target)
+        block.__init__(*args, **kwargs)
+        return block
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state = wrap_state(self)
-        inner = state.inner_forward or functools.partial(state.original_class.forward, self)
+        inner = functools.partial(_run_inner, self, state)
+        if state.entered:
+            # `super(self.__class__, self).forward(...)` inside the block's own forward: the block's
+            # author meant the parent of the block's class, which is what runs.
+            return super(state.original_class, self).forward(*args, **kwargs)
         if torch.is_grad_enabled():
             return self.__ckpt_forward__(state, inner, args, kwargs)
         # Nothing is saved for backward, so there is nothing to drop, recompute or offload.
@@ -182,6 +205,28 @@ class ActivationWrapper(nn.Module):
             if _GENERATED.get(key) is cls:
                 return (_rebuild, key, *reduced[2:])
         return reduced
+
+
+def _run_inner(block: nn.Module, state: WrapState, *args: Any, **kwargs: Any) -> Any:
+    state.entered = True  # a forward or a recompute of the block is running
+    try:
+        if state.inner_forward is not None:
+            return state.inner_forward(*args, **kwargs)
+        return state.original_class.forward(block, *args, **kwargs)
+    finally:
+        state.entered = False
+
+
+def _construction_target(cls: type) -> type | None:
+    original = cls.__dict__.get("__ckpt_original__")
+    if original is None:
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    if issubclass(original, FSDPModule):
+        # FSDP2 builds the class its own class was made from, the third in its MRO (FSDPX, FSDPModule, X).
+        return _generated_class(cls.__ckpt_kind__, original.__mro__[2])
+    return None
 
 
 def wrap_state(module: nn.Module) -> WrapState | None:
