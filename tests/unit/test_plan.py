@@ -508,6 +508,31 @@ def test_every_cpu_strategy_gives_gradients_bitwise_equal_to_unwrapped(strategy,
     assert_same_grads(model, reference)
 
 
+@pytest.mark.filterwarnings("ignore:ckpt_wrapper. offload of a block in host memory:UserWarning")
+@pytest.mark.parametrize("strategy", [s for s in CUDA_STRATEGIES if s.offloads], ids=str)
+def test_offload_strategies_applied_by_a_plan_share_one_engine(strategy, make_gpt, batch, assert_same_grads) -> None:
+    """The accelerator-only strategies, applied by a ``Plan`` (here on CPU, where offload has nothing to free
+    and runs as a plain pass), wrap every block as their name says, give all blocks one offload engine
+    (one pool, so backward can prefetch across blocks) and keep gradients bitwise equal.
+
+    A failure means offload jobs lost the plan's shared engine (each block its own pool) or wrap the wrong
+    kind.
+    """
+    reference = make_gpt()
+    model = copy.deepcopy(reference)
+    plan = Plan(entries=[PlanEntry(f"layers.{i}", strategy, 0, 0.0) for i in range(len(model.layers))],
+                budget_bytes=1, unwrapped_bytes=1, predicted_bytes=1, step_seconds=0.0, predicted_seconds=0.0,
+                cost_unit="flops")
+    assert plan.apply(model) == [f"layers.{i}" for i in range(len(model.layers))]
+    kind = "OffloadWrapper" if strategy.main == "offload" else "CheckpointWrapper"
+    assert _wrapped_kinds(model) == {f"layers.{i}": kind for i in range(len(model.layers))}
+    engines = {id(layer.offload_engine) for layer in model.layers}
+    assert len(engines) == 1 and None not in {layer.offload_engine for layer in model.layers}
+    for m in (reference, model):
+        m.loss(*batch).backward()
+    assert_same_grads(model, reference)
+
+
 def test_apply_on_a_model_lacking_a_planned_block_raises_value_error_naming_it(small_plan) -> None:
     """Applying a plan to a model without one of its blocks is a ``ValueError`` naming the block.
 
