@@ -16,7 +16,7 @@ Example:
 from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
 from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.selection import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
-from ckpt_wrapper.planner import Plan, PlanEntry, plan
+from ckpt_wrapper.planner import Plan, PlanEntry, PlanOptions, Strategy, plan
 from ckpt_wrapper.cheap_recompute import CheapOptions, CheapRecomputeWrapper, cheap_modules, cheap_recompute_wrapper
 from ckpt_wrapper.selective import PRESETS, apply_selective_checkpointing, checkpoint_regions, region_candidates, selective_context_fn
 from ckpt_wrapper.state import ActivationWrapper, WrapState, unwrap, wrap_state
@@ -42,6 +42,8 @@ __all__ = [
     "OffloadWrapper",
     "Plan",
     "PlanEntry",
+    "PlanOptions",
+    "Strategy",
     "apply_activation_checkpointing",
     "by_class",
     "by_class_name",

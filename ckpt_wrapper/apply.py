@@ -40,17 +40,29 @@ class WrapJob:
     """Wraps the block: ``checkpoint_wrapper``, a ``functools.partial`` of a wrapper, PyTorch's own, ..."""
 
 
-def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob]) -> list[str]:
+def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob], *, root_fqn: str = "") -> list[str]:
     """The one wrapping path: run ``jobs`` on ``root``'s blocks, all or nothing.
 
     Every public way to wrap (``apply_activation_checkpointing``, plans, regions, integrations) ends
     here, so each gets the same FQN labels and engine sharing. If any job fails, every block this
     call wrapped is restored and the error names the block that failed.
 
+    Args:
+        root: the module the jobs' blocks live in.
+        jobs: what to wrap, in order.
+        root_fqn: ``root``'s own name in the model, when it is not the model (a block whose regions
+            are wrapped): job FQNs are full names that start with it.
+
     Returns:
         The FQNs wrapped, in job order.
     """
     done: list[tuple[WrapJob, nn.Module]] = []
+
+    def put(fqn: str, module: nn.Module) -> None:
+        relative = fqn[len(root_fqn) + 1:] if root_fqn else fqn
+        parent_name, _, child = relative.rpartition(".")
+        setattr(root.get_submodule(parent_name), child, module)
+
     try:
         for job in jobs:
             result = job.wrap(job.module)
@@ -59,8 +71,7 @@ def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob]) -> list[str]:
                     f"the wrapper function must return an nn.Module, got {type(result).__name__} for '{job.fqn}'"
                 )
             if result is not job.module:  # a wrapper that builds a new module (PyTorch's own, say)
-                parent_name, _, child = job.fqn.rpartition(".")
-                setattr(root.get_submodule(parent_name), child, result)
+                put(job.fqn, result)
             done.append((job, result))
             state = wrap_state(result)
             if state is not None:
@@ -68,8 +79,7 @@ def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob]) -> list[str]:
     except BaseException as error:
         for job, result in reversed(done):
             if result is not job.module:
-                parent_name, _, child = job.fqn.rpartition(".")
-                setattr(root.get_submodule(parent_name), child, job.module)
+                put(job.fqn, job.module)
             else:
                 unwrap(result)
         if isinstance(error, Exception) and not getattr(error, "_ckpt_wrap_noted", False):

@@ -199,11 +199,14 @@ def checkpoint_regions(block: nn.Module, regions: Iterable[str], *, prefix: str 
         regions: child names, dotted for deeper modules.
         prefix: the block's fully qualified name, for names in errors and the return value.
 
+    All or nothing: every name is resolved first, and the regions go through
+    ``ckpt_wrapper.apply.wrap_blocks``, with the block as root named ``prefix``.
+
     Returns:
         The fully qualified names wrapped.
 
     Raises:
-        ValueError: if a name is not a submodule of the block.
+        ValueError: if a name is not a submodule of the block, or a region is wrapped already.
 
     Example:
         >>> from ckpt_wrapper import checkpoint_regions
@@ -211,16 +214,16 @@ def checkpoint_regions(block: nn.Module, regions: Iterable[str], *, prefix: str 
         >>> checkpoint_regions(Block(GPTConfig(d_model=32, n_head=4)), ["mlp"], prefix="layers.0")
         ['layers.0.mlp']
     """
-    wrapped = []
+    from ckpt_wrapper.apply import WrapJob, wrap_blocks
+
+    jobs = []
     for name in regions:
         try:
             child = block.get_submodule(name)
         except AttributeError:
             raise ValueError(
                 f"{prefix or type(block).__name__} has no submodule {name!r}; its children are "
-                f"{[n for n, _ in block.named_children()]}"
+                f"{[n for n, _ in block.named_children()]}: name one of them (dotted for deeper modules)"
             ) from None
-        fqn = f"{prefix}.{name}" if prefix else name
-        checkpoint_wrapper(child).__dict__["_ckpt_fqn"] = fqn
-        wrapped.append(fqn)
-    return wrapped
+        jobs.append(WrapJob(f"{prefix}.{name}" if prefix else name, child, checkpoint_wrapper))
+    return wrap_blocks(block, jobs, root_fqn=prefix)

@@ -484,12 +484,12 @@ def _summarize(options: BenchOptions, environment: dict, preset: str, config: mo
             plan_rows[name] = row
             continue
         plan, measured = info["plan"], results[name]
-        strategies = collections.Counter(e.strategy for e in plan.entries)
+        strategies = collections.Counter(str(e.strategy) for e in plan.entries)
         best = min((n for n in anchors if results[n]["memory_ratio"] <= info["budget"]), key=lambda n: results[n]["median_s"], default=None)
         best_flops = min((n for n in anchors if results[n]["memory_ratio"] <= info["budget"]), key=lambda n: results[n]["extra_flops"], default=None)
         row.update({
             "strategies": dict(strategies),
-            "entries": [dataclasses.asdict(e) for e in plan.entries],
+            "entries": [e.to_dict() for e in plan.entries],
             "budget_bytes": plan.budget_bytes, "unwrapped_bytes": plan.unwrapped_bytes,
             "predicted_bytes": plan.predicted_bytes, "predicted_seconds": plan.predicted_seconds,
             "plan_step_seconds": plan.step_seconds, "predicted_ratio": plan.predicted_seconds / plan.step_seconds,

@@ -78,5 +78,5 @@ def plan_then_fsdp2_step(which: str, budget: float = 0.6) -> dict[str, Any]:
         grads.append({name: p.grad.full_tensor() for name, p in m.named_parameters()})
     dist.barrier()
     differ = [name for name in grads[0] if not torch.equal(grads[0][name], grads[1][name])]
-    return {"json": plan.to_json(), "wrapped": wrapped, "strategies": [e.strategy for e in plan.entries],
+    return {"json": plan.to_json(), "wrapped": wrapped, "strategies": [str(e.strategy) for e in plan.entries],
             "loss_equal": bool(torch.equal(losses[0], losses[1])), "grads_differ": differ}

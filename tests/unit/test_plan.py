@@ -17,6 +17,7 @@ The models are tiny (a 3-block GPT, a 3-layer HF Llama when ``transformers`` is 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 import ckpt_wrapper
-from ckpt_wrapper import ActivationWrapper, Plan, PlanEntry, by_class_name
+from ckpt_wrapper import ActivationWrapper, Plan, PlanEntry, PlanOptions, Strategy, by_class_name
 from ckpt_wrapper.measure import held_after_forward
 from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 from ckpt_wrapper.planner import apply_strategy, block_strategies
@@ -278,6 +279,8 @@ def _garbage() -> dict[str, str]:
         "unknown-field": json.dumps({**good, "surprise": 1}),
         "bad-entry": json.dumps({**good, "entries": [{"name": "layers.0"}]}),
         "entries-not-a-list": json.dumps({**good, "entries": "full"}),
+        "unknown-strategy": json.dumps({**good, "entries": [{**good["entries"][0], "strategy": "fulll"}]}),
+        "strategy-not-a-string": json.dumps({**good, "entries": [{**good["entries"][0], "strategy": 3}]}),
     }
 
 
@@ -304,7 +307,7 @@ def test_str_of_plan_shows_every_block_strategy_and_the_budget_lines(small_plan)
     text = str(plan)
     for entry in plan.entries:
         row = next((line for line in text.splitlines() if line.startswith(entry.name + " ")), None)
-        assert row is not None and entry.strategy in row, text
+        assert row is not None and str(entry.strategy) in row, text
     assert "predicted" in text and "budget" in text, text
 
 
@@ -321,6 +324,110 @@ def test_same_inputs_give_the_same_plan_twice(small_plan) -> None:
     assert second.profile == first.profile
     assert (second.budget_bytes, second.unwrapped_bytes, second.predicted_bytes) == (
         first.budget_bytes, first.unwrapped_bytes, first.predicted_bytes)
+
+
+LEGACY_JSON = """\
+{
+ "ckpt_wrapper_plan": 1,
+ "entries": [
+  {
+   "name": "layers.0",
+   "strategy": "sac:titan",
+   "bytes": 33280,
+   "cost": 65536.0
+  },
+  {
+   "name": "layers.1",
+   "strategy": "cheap+regions:attn+mlp",
+   "bytes": 4608,
+   "cost": 524288.0
+  },
+  {
+   "name": "layers.2",
+   "strategy": "full",
+   "bytes": 0,
+   "cost": 589824.0
+  }
+ ],
+ "budget_bytes": 62476,
+ "unwrapped_bytes": 208256,
+ "predicted_bytes": 58752,
+ "step_seconds": 0.004760907000104453,
+ "predicted_seconds": 0.005449230903734012,
+ "cost_unit": "flops",
+ "profile": {
+  "Block[(2, 16, 32)]aa2a6": {
+   "none": [
+    62464,
+    0.0
+   ],
+   "cheap+regions:attn+mlp": [
+    4608,
+    524288.0
+   ],
+   "regions:mlp": [
+    29696,
+    262144.0
+   ],
+   "sac:titan": [
+    33280,
+    65536.0
+   ],
+   "full": [
+    0,
+    589824.0
+   ]
+  }
+ }
+}"""
+"""Written by ``Plan.save`` before strategies were typed (the small GPT at 0.3, strategies restricted to
+none, cheap+regions:attn+mlp, regions:mlp, sac:titan and full; deterministic options)."""
+
+
+def test_plan_saved_by_the_string_strategy_version_loads_applies_and_writes_back_the_same(
+        make_gpt, batch, assert_same_grads) -> None:
+    """A plan JSON saved before ``Strategy`` existed loads with typed strategies, writes back byte for byte
+    the same JSON, and applies: sac:titan and full wrap the block, cheap+regions:attn+mlp wraps both
+    regions and the block, and gradients stay bitwise equal.
+
+    A failure means plans saved by earlier versions (on disk, in job configs) no longer load or apply as
+    they did, or the JSON format changed.
+    """
+    plan = Plan.from_json(LEGACY_JSON)
+    assert [e.strategy for e in plan.entries] == [
+        Strategy(main="sac", preset="titan"), Strategy(cheap=True, main="regions", regions=("attn", "mlp")),
+        Strategy(main="full")]
+    assert plan.to_json() == LEGACY_JSON.rstrip("\n")
+    reference = make_gpt()
+    model = copy.deepcopy(reference)
+    assert plan.apply(model) == ["layers.0", "layers.1.attn", "layers.1.mlp", "layers.1", "layers.2"]
+    assert _wrapped_kinds(model) == {"layers.0": "CheckpointWrapper", "layers.1.attn": "CheckpointWrapper",
+                                     "layers.1.mlp": "CheckpointWrapper", "layers.1": "CheapRecomputeWrapper",
+                                     "layers.2": "CheckpointWrapper"}
+    for m in (reference, model):
+        m.loss(*batch).backward()
+    assert_same_grads(model, reference)
+
+
+def _without_timings(text: str) -> dict:
+    data = json.loads(text)
+    for measured in ("step_seconds", "predicted_seconds"):  # wall-clock, so never the same twice
+        data.pop(measured)
+    return data
+
+
+def test_to_json_is_the_same_for_the_same_inputs(small_plan) -> None:
+    """With the deterministic options (``measure="saved"``, ``cost="flops"``) planning the same model and
+    batch again gives the same JSON, timings aside; and a plan read back writes the same text.
+
+    A failure means the JSON depends on hidden state (set or dict order, hash seeds), so plans saved by
+    reruns or ranks differ in text even where the plans agree.
+    """
+    model, tokens, first = small_plan
+    second = _plan(model, tokens, 0.5, **DETERMINISTIC)
+    assert _without_timings(second.to_json()) == _without_timings(first.to_json())
+    assert first.to_json() == first.to_json()
+    assert Plan.from_json(first.to_json()).to_json() == first.to_json()
 
 
 def test_plan_does_not_modify_the_model(small_plan) -> None:
@@ -361,21 +468,25 @@ def _wrapped_kinds(model: nn.Module) -> dict[str, str]:
     return {name: type(m).__mro__[1].__name__ for name, m in model.named_modules() if isinstance(m, ActivationWrapper)}
 
 
-def _expected_kinds(strategy: str, n_blocks: int) -> dict[str, str]:
+def _expected_kinds(strategy: Strategy, n_blocks: int) -> dict[str, str]:
     """What each strategy should wrap, per block: regions as CheckpointWrapper children, the block as
     CheapRecomputeWrapper (cheap) or CheckpointWrapper (full, sac:*)."""
     expected: dict[str, str] = {}
     for i in range(n_blocks):
-        if "regions:" in strategy:
-            expected.update({f"layers.{i}.{r}": "CheckpointWrapper" for r in strategy.split("regions:")[1].split("+")})
-        if strategy.startswith("cheap"):
+        expected.update({f"layers.{i}.{r}": "CheckpointWrapper" for r in strategy.regions})
+        if strategy.cheap:
             expected[f"layers.{i}"] = "CheapRecomputeWrapper"
-        elif strategy == "full" or strategy.startswith("sac:"):
+        elif strategy.main in ("full", "sac"):
             expected[f"layers.{i}"] = "CheckpointWrapper"
     return expected
 
 
-@pytest.mark.parametrize("strategy", block_strategies(Block(SMALL), device=torch.device("cpu")))
+CPU_STRATEGIES = block_strategies(Block(SMALL), device=torch.device("cpu"))
+CUDA_STRATEGIES = block_strategies(Block(SMALL), device=torch.device("cuda"))
+"""What the planner considers on an accelerator (listing them needs no GPU)."""
+
+
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES, ids=str)
 def test_every_cpu_strategy_gives_gradients_bitwise_equal_to_unwrapped(strategy, make_gpt, batch, assert_same_grads) -> None:
     """Each strategy the planner may choose on CPU, applied to every block (through a ``Plan``), wraps what
     its name says (the listed regions, the block itself for cheap/sac/full, nothing for none) and keeps
@@ -393,6 +504,31 @@ def test_every_cpu_strategy_gives_gradients_bitwise_equal_to_unwrapped(strategy,
     assert _wrapped_kinds(model) == _expected_kinds(strategy, len(model.layers))
     for m in (reference, model):
         torch.manual_seed(3)
+        m.loss(*batch).backward()
+    assert_same_grads(model, reference)
+
+
+@pytest.mark.filterwarnings("ignore:ckpt_wrapper. offload of a block in host memory:UserWarning")
+@pytest.mark.parametrize("strategy", [s for s in CUDA_STRATEGIES if s.offloads], ids=str)
+def test_offload_strategies_applied_by_a_plan_share_one_engine(strategy, make_gpt, batch, assert_same_grads) -> None:
+    """The accelerator-only strategies, applied by a ``Plan`` (here on CPU, where offload has nothing to free
+    and runs as a plain pass), wrap every block as their name says, give all blocks one offload engine
+    (one pool, so backward can prefetch across blocks) and keep gradients bitwise equal.
+
+    A failure means offload jobs lost the plan's shared engine (each block its own pool) or wrap the wrong
+    kind.
+    """
+    reference = make_gpt()
+    model = copy.deepcopy(reference)
+    plan = Plan(entries=[PlanEntry(f"layers.{i}", strategy, 0, 0.0) for i in range(len(model.layers))],
+                budget_bytes=1, unwrapped_bytes=1, predicted_bytes=1, step_seconds=0.0, predicted_seconds=0.0,
+                cost_unit="flops")
+    assert plan.apply(model) == [f"layers.{i}" for i in range(len(model.layers))]
+    kind = "OffloadWrapper" if strategy.main == "offload" else "CheckpointWrapper"
+    assert _wrapped_kinds(model) == {f"layers.{i}": kind for i in range(len(model.layers))}
+    engines = {id(layer.offload_engine) for layer in model.layers}
+    assert len(engines) == 1 and None not in {layer.offload_engine for layer in model.layers}
+    for m in (reference, model):
         m.loss(*batch).backward()
     assert_same_grads(model, reference)
 
@@ -422,6 +558,46 @@ def test_apply_that_raises_leaves_the_model_unwrapped(small_plan) -> None:
     assert wrapped == [], wrapped
 
 
+def _snapshot(model: nn.Module) -> tuple[dict, dict, dict]:
+    """Everything a failed apply must leave as it was: module types and attributes, the state dict."""
+    types = {name: type(m) for name, m in model.named_modules()}
+    attributes = {name: sorted(vars(m)) for name, m in model.named_modules()}
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    return types, attributes, state
+
+
+@pytest.mark.parametrize("third", ["regions:nope", "cheap"], ids=["missing-region", "wrapper-refuses"])
+def test_plan_failing_on_the_third_block_leaves_the_model_exactly_as_it_was(third) -> None:
+    """A plan whose first two entries wrap fine but whose third fails (it names a region the block lacks, or
+    asks ``cheap`` of a block with no norm or activation, which ``cheap_recompute_wrapper`` refuses while
+    wrapping) raises a ``ValueError`` naming ``layers.2`` and leaves the model exactly as it was: no
+    ActivationWrapper anywhere, every module's type and attributes unchanged, the same state dict.
+
+    A failure means ``Plan.apply`` wraps block by block instead of through one ``wrap_blocks`` call: the
+    first blocks stay wrapped after the error, and the model trains with a plan nobody chose.
+    """
+    model, _ = _gpt(SMALL)
+    if third == "cheap":
+        model.layers[2] = nn.Sequential(nn.Linear(SMALL.d_model, SMALL.d_model), nn.ReLU())
+    before = _snapshot(model)
+    plan = Plan(entries=[PlanEntry("layers.0", Strategy(main="full"), 0, 0.0),
+                         PlanEntry("layers.1", Strategy.parse("cheap+regions:attn+mlp"), 0, 0.0),
+                         PlanEntry("layers.2", Strategy.parse(third), 0, 0.0)],
+                budget_bytes=1, unwrapped_bytes=1, predicted_bytes=1, step_seconds=0.0, predicted_seconds=0.0,
+                cost_unit="flops")
+    with pytest.raises(ValueError) as info:
+        plan.apply(model)
+    message = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
+    assert "'layers.2'" in message, message
+    assert not [name for name, m in model.named_modules() if isinstance(m, ActivationWrapper)]
+    after = _snapshot(model)
+    assert after[0] == before[0]
+    assert after[1] == before[1]
+    assert list(after[2]) == list(before[2])
+    for key, value in before[2].items():
+        assert torch.equal(after[2][key], value), key
+
+
 @pytest.mark.parametrize("strategy", ["bogus", "cheap+bogus", "offloadx", "sac:nonsense", "regions:nope"])
 def test_apply_strategy_with_unknown_strategy_raises_value_error(strategy) -> None:
     """An unknown strategy (or an unknown preset or region inside one) is a ``ValueError``.
@@ -439,10 +615,179 @@ def test_block_strategies_start_with_none_and_include_full() -> None:
     A failure means the planner's candidate set changed (it may miss the cheapest or the smallest option).
     """
     strategies = block_strategies(Block(SMALL), device=torch.device("cpu"))
-    assert strategies[0] == "none" and strategies[-1] == "full"
-    assert {"cheap", "regions:attn", "regions:mlp", "regions:attn+mlp", "cheap+regions:attn+mlp",
-            "sac:matmuls", "sac:titan"} <= set(strategies)
-    assert not [s for s in strategies if "offload" in s]
+    assert all(isinstance(s, Strategy) for s in strategies), strategies
+    assert strategies[0] == Strategy() and strategies[-1] == Strategy(main="full")
+    assert strategies[1] == Strategy(cheap=True)
+    regions = {s.regions for s in strategies if s.main == "regions"}
+    assert regions == {("attn",), ("mlp",), ("attn", "mlp")}, regions
+    assert {s.regions for s in strategies if s.main == "regions" and s.cheap} == regions
+    assert [s.preset for s in strategies if s.main == "sac"] == ["matmuls", "titan"]
+    assert not [s for s in strategies if s.offloads]
+    assert {s.main for s in CUDA_STRATEGIES if s.offloads} == {"offload", "full+offload"}
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
-    assert block_strategies(plain, device=torch.device("cpu"))[0] == "none"
-    assert not [s for s in block_strategies(plain, device=torch.device("cpu")) if "cheap" in s]
+    assert block_strategies(plain, device=torch.device("cpu"))[0] == Strategy()
+    assert not [s for s in block_strategies(plain, device=torch.device("cpu")) if s.cheap]
+
+
+# --- strategies: typed values with a stable text form --------------------------------------------------
+
+
+TODAYS_TEXT = ["none", "cheap", "regions:attn", "cheap+regions:attn", "regions:mlp", "cheap+regions:mlp",
+               "regions:attn+mlp", "cheap+regions:attn+mlp", "sac:matmuls", "sac:titan", "full"]
+"""The text forms of a GPT block's strategies on CPU, as plan tables and JSON have always written them."""
+
+
+@pytest.mark.parametrize("strategy", CUDA_STRATEGIES, ids=str)
+def test_every_strategy_round_trips_through_its_text_form(strategy) -> None:
+    """Each strategy ``block_strategies`` gives (on CPU and on an accelerator) is written by ``str`` and read
+    back by ``Strategy.parse`` to an equal value, and the text reads back to the same text.
+
+    A failure means a plan's JSON or table names a strategy that loads as a different one (or not at all).
+    """
+    text = str(strategy)
+    assert Strategy.parse(text) == strategy
+    assert str(Strategy.parse(text)) == text
+    assert f"{strategy:<24}" == f"{text:<24}"
+
+
+def test_text_forms_are_todays_strings() -> None:
+    """The text forms are exactly the strings plans were written with before strategies were typed.
+
+    A failure means new plans write strategies that older readers (and plan files compared by text) do
+    not know.
+    """
+    assert [str(s) for s in CPU_STRATEGIES] == TODAYS_TEXT
+    assert [str(s) for s in CUDA_STRATEGIES] == TODAYS_TEXT + ["offload", "full+offload"]
+
+
+@pytest.mark.parametrize("text", ["bogus", "", "Full", "full ", "cheap+bogus", "cheap+full", "cheap+none", "cheap+cheap",
+                                  "sac:", "sac:nonsense", "regions:", "regions:attn+", "regions:attn+attn", "offloadx"])
+def test_parse_of_text_that_is_no_strategy_raises_value_error_listing_the_forms(text) -> None:
+    """Text that is not a strategy's form is a ``ValueError`` quoting it and listing the forms that are.
+
+    A failure means a typo in a hand-written plan or ``strategies=`` is accepted as something else, or the
+    message does not say what was expected.
+    """
+    with pytest.raises(ValueError) as info:
+        Strategy.parse(text)
+    message = str(info.value)
+    assert repr(text) in message and "expected" in message and "'sac:PRESET'" in message, message
+
+
+def test_parse_of_a_non_string_raises_type_error() -> None:
+    """``Strategy.parse`` of something other than text is a ``TypeError``.
+
+    A failure means a Strategy (or None) passed where text was expected fails with an unrelated error.
+    """
+    with pytest.raises(TypeError, match="str"):
+        Strategy.parse(Strategy())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields, error", [
+    (dict(main="bogus"), ValueError),
+    (dict(main="regions"), ValueError),
+    (dict(main="full", regions=("mlp",)), ValueError),
+    (dict(main="regions", regions="mlp"), TypeError),
+    (dict(main="regions", regions=("mlp", "mlp")), ValueError),
+    (dict(main="regions", regions=("a+b",)), ValueError),
+    (dict(main="sac"), ValueError),
+    (dict(main="sac", preset="fast"), ValueError),
+    (dict(main="full", preset="titan"), ValueError),
+    (dict(main="full", cheap=True), ValueError),
+    (dict(main="sac", preset="titan", cheap=True), ValueError),
+    (dict(cheap=1), TypeError),
+], ids=lambda v: v.__name__ if isinstance(v, type) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_strategy_fields_are_checked_on_construction(fields, error) -> None:
+    """A ``Strategy`` that has no text form (regions without ``regions``, a preset without ``sac``, cheap
+    with a wrapper that owns the block, an unknown preset) is refused when built.
+
+    A failure means a strategy that cannot be written, read back or applied gets as far as a plan.
+    """
+    with pytest.raises(error):
+        Strategy(**fields)
+
+
+def test_strategy_is_frozen_hashable_and_a_list_of_regions_becomes_a_tuple() -> None:
+    """Strategies are values: frozen, hashable (profile tables are keyed by them), and ``regions`` given as
+    a list is stored as a tuple.
+
+    A failure means a strategy shared by several plan entries could be changed through one of them.
+    """
+    strategy = Strategy(main="regions", regions=["attn", "mlp"])  # type: ignore[arg-type]
+    assert strategy.regions == ("attn", "mlp")
+    assert {strategy: 1}[Strategy.parse("regions:attn+mlp")] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        strategy.main = "full"  # type: ignore[misc]
+
+
+def test_jobs_wrap_regions_first_then_the_block_and_change_nothing() -> None:
+    """``Strategy.jobs`` gives one job per region (named ``block.region``, on that child) and then the
+    cheap job on the block itself; building them wraps nothing.
+
+    A failure means regions and the cheap wrapper are applied in the other order, or jobs carry names
+    that do not match the model (FQN labels, error notes).
+    """
+    block = Block(SMALL)
+    jobs = Strategy.parse("cheap+regions:attn+mlp").jobs(block, fqn="layers.1")
+    assert [(job.fqn, job.module) for job in jobs] == [
+        ("layers.1.attn", block.attn), ("layers.1.mlp", block.mlp), ("layers.1", block)]
+    assert not any(isinstance(m, ActivationWrapper) for m in block.modules())
+    assert Strategy().jobs(block, fqn="layers.1") == []
+
+
+def test_plan_entry_parses_text_and_refuses_other_types() -> None:
+    """``PlanEntry`` takes a Strategy or its text form (stored as a Strategy) and refuses anything else.
+
+    A failure means hand-built plans with string strategies break, or a wrong type surfaces only on apply.
+    """
+    assert PlanEntry("layers.0", "full", 0, 0.0) == PlanEntry("layers.0", Strategy(main="full"), 0, 0.0)
+    assert PlanEntry("layers.0", "full", 0, 0.0).to_dict()["strategy"] == "full"
+    with pytest.raises(ValueError, match="fulll"):
+        PlanEntry("layers.0", "fulll", 0, 0.0)
+    with pytest.raises(TypeError):
+        PlanEntry("layers.0", 3, 0, 0.0)  # type: ignore[arg-type]
+
+
+# --- options -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, error", [
+    (dict(repeats=0), ValueError),
+    (dict(repeats=2.5), ValueError),
+    (dict(cost="fast"), ValueError),
+    (dict(measure="save"), ValueError),
+    (dict(strategies="full"), TypeError),
+    (dict(strategies=["full", "fulll"]), ValueError),
+    (dict(check_fn="Block"), TypeError),
+], ids=lambda v: v.__name__ if isinstance(v, type) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_plan_options_refuse_bad_values_before_any_profiling(fields, error) -> None:
+    """``PlanOptions`` (and so ``plan``) refuses bad knobs on construction: ``plan`` raises before it calls
+    the model (whose forward here would fail the test).
+
+    A failure means a typo in ``strategies=`` or ``cost=`` is found only after minutes of profiling, or not
+    at all.
+    """
+    class Untouchable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("plan profiled the model before checking its options")
+
+    with pytest.raises(error):
+        PlanOptions(memory_budget=0.5, **fields)
+    with pytest.raises(error):
+        ckpt_wrapper.plan(Untouchable(), torch.zeros(1, 2), memory_budget=0.5, **fields)
+
+
+def test_plan_takes_strategies_as_text_or_typed_alike(small_plan) -> None:
+    """``strategies=`` as text forms and as ``Strategy`` values give the same plan.
+
+    A failure means one of the two spellings is profiled differently (or ``none`` is not added to both).
+    """
+    model, tokens, _ = small_plan
+    by_text = _plan(model, tokens, 0.5, **DETERMINISTIC, strategies=REGION_STRATEGIES)
+    typed = _plan(model, tokens, 0.5, **DETERMINISTIC, strategies=[Strategy.parse(t) for t in REGION_STRATEGIES[1:]])
+    assert typed.entries == by_text.entries
+    assert typed.profile == by_text.profile

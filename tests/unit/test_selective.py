@@ -305,6 +305,20 @@ def test_checkpoint_regions_unknown_child_raises_value_error_listing_children(ti
     assert not any(isinstance(m, CheckpointWrapper) for m in block.modules())
 
 
+@pytest.mark.parametrize("regions", [["mlp", "mpl"], ["mlp", "mlp"]], ids=["unknown-second", "same-twice"])
+def test_checkpoint_regions_that_fails_on_a_later_region_wraps_none(regions, tiny_config) -> None:
+    """When a later region cannot be wrapped (an unknown name, or the same child twice, which the wrapper
+    refuses), ``checkpoint_regions`` raises a ``ValueError`` and the regions before it are not left wrapped.
+
+    A failure means regions are wrapped one by one outside ``wrap_blocks``: an error leaves ``mlp``
+    checkpointed, and a retry then fails with "already wrapped".
+    """
+    block = Block(tiny_config)
+    with pytest.raises(ValueError):
+        checkpoint_regions(block, regions, prefix="layers.0")
+    assert not any(isinstance(m, CheckpointWrapper) for m in block.modules())
+
+
 def test_selective_context_fn_works_with_plain_checkpoint_wrapper(assert_same_grads) -> None:
     """``selective_context_fn`` passed to ``checkpoint_wrapper`` directly (the docstring's usage) keeps exact
     gradients for a non-GPT module.
