@@ -23,7 +23,7 @@ from torch import nn
 from ckpt_wrapper.planner.distribute import plan_on_rank_0
 from ckpt_wrapper.planner.options import PlanOptions
 from ckpt_wrapper.planner.plans import Plan, PlanEntry
-from ckpt_wrapper.planner.profile import (capture_inputs, find_blocks, input_bytes, measure_model, profile_block,
+from ckpt_wrapper.planner.profile import (capture_inputs, find_blocks, input_bytes, measure_model, model_kept, profile_block,
                                           signature)
 from ckpt_wrapper.planner.solve import Option, choose
 from ckpt_wrapper.planner.strategy import Strategy, as_strategies
@@ -93,7 +93,16 @@ def plan(
 
 
 def plan_locally(model: nn.Module, batch: Any, options: PlanOptions) -> Plan:
-    """Plan on this process alone: profile each distinct block, then choose (see ``plan``)."""
+    """Plan on this process alone: profile each distinct block, then choose (see ``plan``).
+
+    The model is left as it was: buffers its forward updates, train/eval modes, RNG states and
+    gradients are put back.
+    """
+    with model_kept(model):
+        return _plan_kept(model, batch, options)
+
+
+def _plan_kept(model: nn.Module, batch: Any, options: PlanOptions) -> Plan:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     blocks = find_blocks(model, options.check_fn)

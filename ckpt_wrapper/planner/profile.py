@@ -24,11 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,12 +42,38 @@ from ckpt_wrapper.planner.options import PlanOptions
 from ckpt_wrapper.planner.strategy import Strategy, apply_strategy, block_strategies
 from ckpt_wrapper.selection import BlockSelector
 
-__all__ = ["ModelBaseline", "capture_inputs", "find_blocks", "input_bytes", "measure_model", "profile_block",
+__all__ = ["ModelBaseline", "model_kept", "capture_inputs", "find_blocks", "input_bytes", "measure_model", "profile_block",
            "signature"]
 
 BlockInputs = tuple[tuple[Any, ...], dict[str, Any]]
 """A block's captured call: (positional arguments, keyword arguments)."""
 
+
+
+@contextlib.contextmanager
+def model_kept(model: nn.Module) -> Iterator[None]:
+    """Profiling runs the model: put back every buffer it updates, its train/eval modes and the RNGs.
+
+    Buffers come back as the same objects with the same values (BatchNorm statistics,
+    ``num_batches_tracked``, EMAs), so ``plan`` leaves the model as it found it.
+    """
+    owners = [(module, name, buffer, buffer.detach().clone()) for module in model.modules()
+              for name, buffer in module._buffers.items() if buffer is not None]
+    modes = [(module, module.training) for module in model.modules()]
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, value in owners:
+                module._buffers[name] = buffer
+                buffer.copy_(value)
+        for module, training in modes:
+            module.training = training
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` with ``batch``: a dict as keywords, a tuple or list as positional arguments, else alone."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import ckpt_wrapper
-from ckpt_wrapper import ActivationWrapper, Plan, PlanEntry, PlanOptions, Strategy, by_class_name
+from ckpt_wrapper import ActivationWrapper, Plan, PlanEntry, PlanOptions, Strategy, by_class, by_class_name
 from ckpt_wrapper.measure import held_after_forward
 from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 from ckpt_wrapper.planner import apply_strategy, block_strategies
@@ -791,3 +791,44 @@ def test_plan_takes_strategies_as_text_or_typed_alike(small_plan) -> None:
     typed = _plan(model, tokens, 0.5, **DETERMINISTIC, strategies=[Strategy.parse(t) for t in REGION_STRATEGIES[1:]])
     assert typed.entries == by_text.entries
     assert typed.profile == by_text.profile
+
+
+class _BatchNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.act, self.fc2 = nn.Linear(16, 32), nn.BatchNorm1d(32), nn.GELU(), nn.Linear(32, 16)
+        self.register_buffer("ema", torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x + self.fc2(self.act(self.bn(self.fc1(x))))
+
+
+def test_plan_leaves_the_model_as_it_was() -> None:
+    """``plan`` profiles by running the model, yet every buffer (BatchNorm statistics,
+    ``num_batches_tracked``, an EMA), the train/eval mode of each module, the RNG state and existing
+    gradients are exactly as before.
+
+    Caught on the main of 2026-12-01: after planning, ``num_batches_tracked`` went from 1 to 10.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_BatchNormBlock() for _ in range(3)])
+    x = torch.randn(32, 16)
+    model(x).sum().backward()  # one real step: statistics and gradients to keep
+    model[1].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+
+    ckpt_wrapper.plan(model, x, memory_budget=0.5, check_fn=by_class(_BatchNormBlock), **DETERMINISTIC)
+
+    after = model.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=0, msg=name)
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+    assert [m.training for m in model] == [True, False, True]
+    assert torch.equal(torch.random.get_rng_state(), rng)
