@@ -19,11 +19,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ckpt_wrapper.selection import BlockSelector, walk
 from ckpt_wrapper.state import ActivationWrapper, check_unwrappable, unwrap, wrap_state
-from ckpt_wrapper.wrapper import checkpoint_wrapper
+from ckpt_wrapper.wrapper import CheckpointWrapper, checkpoint_wrapper
 
 __all__ = ["WrapJob", "apply_activation_checkpointing", "remove_activation_checkpointing", "wrap_blocks"]
 
@@ -88,7 +89,37 @@ def wrap_blocks(root: nn.Module, jobs: Sequence[WrapJob], *, root_fqn: str = "")
             error.add_note(f"ckpt_wrapper: wrapping block '{failed}' failed; no block was left wrapped")
         raise
     _share_engines([result for _, result in done])
+    if any(isinstance(result, CheckpointWrapper) for _, result in done):
+        _guard_kv_cache(root)
     return [job.fqn for job, _ in done]
+
+
+def _guard_kv_cache(model: nn.Module) -> None:
+    """On an HF model, turn its KV cache off in training forwards (from now on, whatever its mode now).
+
+    A recompute runs each layer's forward again, which would append its keys and values to the cache
+    a second time; HF's own checkpointing turns the cache off for the same reason.
+    """
+    config = getattr(model, "config", None)
+    if not hasattr(config, "use_cache") or _no_cache_in_training in model._forward_pre_hooks.values():
+        return
+    model.register_forward_pre_hook(_no_cache_in_training, with_kwargs=True)
+
+
+def _no_cache_in_training(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if not (model.training and torch.is_grad_enabled()):
+        return None
+    asked = kwargs.get("use_cache")
+    if asked is False or (asked is None and not getattr(model.config, "use_cache", False)):
+        return None
+    warnings.warn(
+        f"{type(model).__name__}: use_cache=True in a training forward of a model with checkpointed layers; "
+        "ckpt_wrapper sets use_cache=False for it (a recompute would add every layer's keys and values to the "
+        "cache a second time). Set model.config.use_cache = False for training to silence this.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return args, {**kwargs, "use_cache": False}
 
 
 def _share_engines(modules: Sequence[nn.Module]) -> None:
@@ -194,16 +225,6 @@ def _refuse_double_checkpointing(model: nn.Module) -> None:
             "block twice. Turn HF's off first (model.gradient_checkpointing_disable(), or "
             "activation_checkpointing_disable() in newer transformers), or keep it and skip apply_activation_checkpointing."
         )
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) is True and model.training:
-        # HF switches its cache off for its own checkpointing; a recompute would append to the cache again.
-        warnings.warn(
-            f"{type(model).__name__}.config.use_cache is True: in training, every recompute appends to the KV "
-            "cache again and the cache keeps each layer's keys and values alive. Set model.config.use_cache = False "
-            "for training with checkpointing.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _nothing_matched_message(model: nn.Module, described: str) -> str:
@@ -250,6 +271,10 @@ def remove_activation_checkpointing(model: nn.Module) -> list[str]:
     for name, module in ours:
         unwrap(module)
         removed.append(name)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _no_cache_in_training:
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
     # PyTorch's wrapper holds the block as a child; put the child back where the wrapper was.
     for name, module in list(model.named_modules()):
         inner = module._modules.get("_checkpoint_wrapped_module") if name else None

@@ -17,7 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ckpt_wrapper import ActivationWrapper, CheckpointWrapper, apply_activation_checkpointing, by_class_name  # noqa: E402
+from ckpt_wrapper import ActivationWrapper, CheckpointWrapper, apply_activation_checkpointing, by_class_name, remove_activation_checkpointing  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -201,3 +201,33 @@ def test_training_with_use_cache_off_builds_no_cache() -> None:
     tokens = torch.randint(0, VOCAB, (2, 16))
     out = model(input_ids=tokens, labels=tokens)
     assert out.past_key_values is None
+
+
+@pytest.mark.parametrize("mode_at_wrap", ["eval", "train"])
+def test_a_model_loaded_in_eval_mode_never_returns_a_kv_cache_in_training(tmp_path, mode_at_wrap: str) -> None:
+    """A Llama saved and loaded back (``from_pretrained`` gives an eval-mode model with
+    ``use_cache=True``), wrapped, then put in ``.train()``: its training forward builds no KV cache (a
+    recompute would add to it again), with a warning that says what to set; eval forwards keep the
+    cache, and removing checkpointing removes the guard.
+
+    Caught on the main of 2026-12-01: the warning fired only for models already training at wrap
+    time, and the model returned a cache grown twice per layer, silently.
+    """
+    saved = _build("llama")
+    saved.config.use_cache = True  # HF's default, which a loaded model has
+    saved.save_pretrained(tmp_path)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert model.config.use_cache is True and not model.training
+    getattr(model, mode_at_wrap)()
+    apply_activation_checkpointing(model, check_fn=by_class_name("LlamaDecoderLayer"))
+    model.train()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    with pytest.warns(UserWarning, match="sets use_cache=False"):
+        out = model(input_ids=tokens, labels=tokens)
+    assert out.past_key_values is None
+    out.loss.backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=tokens).past_key_values is not None  # generation keeps its cache
+    remove_activation_checkpointing(model)
+    assert not model._forward_pre_hooks
