@@ -13,6 +13,7 @@ Example:
     >>> model(torch.randn(4, 8)).sum().backward()
 """
 
+from ckpt_wrapper import log  # noqa: F401  (gives the package logger its NullHandler: silent until configured)
 from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
 from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.selection import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n

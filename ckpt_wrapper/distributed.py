@@ -12,7 +12,10 @@ Example:
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,3 +87,30 @@ def init_distributed(device: torch.device, *, timeout_s: float = 300.0) -> bool:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
                                 device_id=device_id)
     return True
+
+
+_MOVED_TO_RECIPES = ("ShardRecipe", "shard_model", "clean_name", "SHARD_KINDS")
+"""Names that lived here and moved to ``ckpt_wrapper.testing.recipes``; still found here, with a warning."""
+
+
+def __getattr__(name: str) -> Any:
+    """Old names: ``ckpt_wrapper.distributed.ShardRecipe`` and its siblings, from their new module.
+
+    Example:
+        >>> import warnings
+        >>> import ckpt_wrapper.distributed
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     recipe_class = ckpt_wrapper.distributed.ShardRecipe
+        >>> recipe_class.__module__, caught[0].category.__name__
+        ('ckpt_wrapper.testing.recipes', 'FutureWarning')
+    """
+    if name in _MOVED_TO_RECIPES:
+        warnings.warn(
+            f"ckpt_wrapper.distributed.{name} moved to ckpt_wrapper.testing.recipes.{name}; import it from there "
+            "(the old path will be removed in a future release).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("ckpt_wrapper.testing.recipes"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,6 +29,10 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ckpt_wrapper.log import get_logger
+
+logger = get_logger(__name__)
+
 __all__ = ["OffloadOptions", "OffloadStats", "OffloadEngine", "HostPool"]
 
 
@@ -348,6 +352,8 @@ class OffloadEngine:
                     "on the device."
                 )
             self.stats.kept_host_full += 1
+            logger.debug("host buffer cap %s reached (%d bytes held): %d bytes stay on %s",
+                         self.options.max_host_bytes, self.pool.total_bytes, nbytes, tensor.device)
             return None
         entry = _HostCopy(self, buffer, tensor, nbytes)
         flat = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)

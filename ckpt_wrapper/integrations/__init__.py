@@ -2,7 +2,7 @@
 
 - ``ckpt_wrapper.integrations.accelerate``: checkpoint before ``accelerator.prepare`` so accelerate's FSDP
   plugin (versions 1 and 2) still finds the blocks; refuses to stack on accelerate's own checkpointing.
-  Needs ``pip install ckpt_wrapper[accelerate]``.
+  Needs accelerate >= 1.6: the ``[accelerate]`` extra, e.g. ``pip install ".[accelerate]"`` from a clone.
 
 HF transformers models need no glue: select their blocks by class name
 (``by_class_name("LlamaDecoderLayer")``); see ``docs/transformers.md``.

@@ -25,7 +25,7 @@ Example (on every process, before ``prepare``)::
     model, optimizer = accelerator.prepare(model, optimizer)
 
 accelerate is imported only when a function here is called; install it with
-``pip install ckpt_wrapper[accelerate]``.
+``pip install 'accelerate>=1.6'``, or install ckpt_wrapper with its ``[accelerate]`` extra (README.md, "Install").
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ from typing import Any
 from torch import nn
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
+from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.selection import by_class_name
 from ckpt_wrapper.state import ActivationWrapper, original_class, unwrap
 from ckpt_wrapper.wrapper import checkpoint_wrapper
 
 __all__ = ["apply_checkpointing", "block_class_names"]
+
+logger = get_logger(__name__)
 
 
 def _accelerate() -> Any:
@@ -50,7 +53,8 @@ def _accelerate() -> Any:
     except ImportError as error:
         raise ImportError(
             "ckpt_wrapper.integrations.accelerate needs HF accelerate, which is not installed "
-            f"({error}). Install it with: pip install ckpt_wrapper[accelerate]"
+            f"({error}). Install it into this environment with: pip install 'accelerate>=1.6' (or reinstall "
+            "ckpt_wrapper with its extra, e.g. pip install '.[accelerate]' from a clone)"
         ) from error
     return accelerate
 
@@ -185,6 +189,8 @@ def apply_checkpointing(
             for fqn in wrapped:  # leave the model as it came
                 unwrap(model.get_submodule(fqn))
             raise
+    logger.info("checkpointed %d block(s) before accelerator.prepare (FSDP plugin: %s): %s",
+                len(wrapped), "none" if plugin is None else f"version {getattr(plugin, 'fsdp_version', 1)}", wrapped)
     return wrapped
 
 
@@ -214,6 +220,7 @@ def _keep_plugin_finding_blocks(plugin: Any, model: nn.Module, names: list[str])
         if plugin.auto_wrap_policy is transformer_auto_wrap_policy:
             classes = {original_class(m) for _, m in blocks}
             plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+            logger.info("FSDP1 plugin: transformer_cls_names_to_wrap %s resolved to the blocks' own classes", names)
         return
     # FSDP2 re-resolves the names inside prepare; only the selection can keep them resolvable.
     resolved = {name: get_module_class_from_name(model, name) for name in names}

@@ -1,6 +1,6 @@
 """A small GPT-style decoder: the model the demo, the benchmarks and the tests train.
 
-It matches the reference workloads in the design notes (pre-norm blocks, SDPA attention, GELU MLP,
+It is the model of the reference workloads in docs/benchmarks.md (pre-norm blocks, SDPA attention, GELU MLP,
 untied head), so figures measured on it compare with PyTorch's own tools on the same model.
 
 Example:

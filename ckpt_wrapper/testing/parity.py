@@ -34,9 +34,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.testing.recipes import ShardRecipe, clean_name, shard_model
 
 __all__ = ["ParityConfig", "ParityReport", "check_parity", "default_loss"]
+
+logger = get_logger(__name__)
 
 Batch = tuple[Any, torch.Tensor]
 
@@ -257,6 +260,7 @@ def check_parity(
         test_loss = _mean_over_ranks(torch.stack(test_losses).sum(), True)
         _record(report, "loss", ref_loss, test_loss)
         report.losses.append((float(ref_loss), float(test_loss)))
+        logger.debug("parity step %d: reference loss %.6g, checkpointed loss %.6g", step, *report.losses[-1])
         ref_recipe = shard if config.reference == "sharded" else ShardRecipe(kind="none")
         if report.grads_compared:
             with _gathered(reference, ref_recipe, grads=True) as ref_grads:

@@ -32,3 +32,35 @@ def test_doc_example_runs(source: str) -> None:
         if f"import {optional}" in source or f"from {optional}" in source or f"integrations.{optional}" in source:
             pytest.importorskip(optional)
     exec(compile(source, "<doc example>", "exec"), {"__name__": "__doc_example__"})
+
+
+LINKED = [*PAGES, ROOT / "CHANGELOG.md", ROOT / "DEVELOPERS.md"]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+OUTSIDE = re.compile(r"DESIGN\.md|STYLE\.md|\.\./shared|(?<![\w/])shared/")
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces made dashes."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)
+    headings = re.findall(r"^#+\s+(.*?)\s*$", text, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", LINKED, ids=lambda page: str(page.relative_to(ROOT)))
+def test_links_stay_inside_the_repository_and_resolve(page: pathlib.Path) -> None:
+    """A failure means a page links to a file or heading that does not exist, or to something outside
+    the repository that readers of a clone or a wheel do not have."""
+    text = page.read_text()
+    outside = sorted(set(OUTSIDE.findall(text)))
+    assert not outside, f"{page.name} points outside the repository: {outside}"
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked here
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if not resolved.exists() or ROOT not in (resolved, *resolved.parents):
+            broken.append(target)
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(target)
+    assert not broken, f"{page.name} has broken links: {broken}"

@@ -1,4 +1,5 @@
-"""It really saves memory, and pays for it with recompute: measured on CPU, as DESIGN.md (Measuring) says.
+"""It really saves memory, and pays for it with recompute: measured on CPU, as docs/benchmarks.md
+("How figures are measured") says.
 
 - bytes autograd saves (``SavedBytes``): exact for what reaches the outermost pack hook;
 - bytes held after forward (glibc ``mallinfo2``): counts whatever keeps activations alive, but noisy,
