@@ -93,7 +93,8 @@ def _here() -> str:
     ("--parallel", "fsdp2", "--sharding-strategy", "SHARD_GRAD_OP", "--param-dtype", "bf16", "--reduce-dtype", "fp32",
      "--reference", "sharded", "--ac", "offload"),
     ("--parallel", "fsdp1", "--param-dtype", "bf16", "--reduce-dtype", "fp32", "--reference", "sharded"),
-    ("--parallel", "fsdp1", "--ac-order", "after", "--use-orig-params", "--param-dtype", "bf16", "--reference", "sharded"),
+    ("--parallel", "fsdp1", "--ac-order", "after", "--use-orig-params", "--param-dtype", "bf16",
+     "--reference", "sharded"),
     ("--parallel", "fsdp1", "--fsdp1-cpu-offload"),
     ("--parallel", "fsdp1", "--fsdp1-cpu-offload", "--use-orig-params"),
 ], ids=["fsdp2-bf16", "fsdp2-bf16-noreshard-offload", "fsdp1-bf16", "fsdp1-after-bf16", "fsdp1-cpuoffload", "fsdp1-cpuoffload-orig"])

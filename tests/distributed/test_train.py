@@ -172,7 +172,8 @@ def test_example_trains_and_resumes_where_it_stopped(tmp_path: Path) -> None:
     first, _ = example("--steps", "2", *ckpt)
     second, out = example("--steps", "4", *ckpt)
     assert [line.replace("/2 ", "/4 ") for line in first] + second == whole, (first, second, whole)
-    assert "blocks checkpointed, then sharded  3 (Block)" in out and "steps                              3-4" in out, out
+    assert "blocks checkpointed, then sharded  3 (Block)" in out, out
+    assert "steps                              3-4" in out, out
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002", "step-000004"]
 
 
@@ -277,7 +278,8 @@ def _documented_commands() -> list[tuple[str, str, list[str]]]:
                   ("parity command", command.__doc__), ("demo", demo.__doc__)]
     texts += [(name, "\n".join(ln for ln in doc.splitlines() if ln.startswith("    "))) for name, doc in docstrings]
     for script in (LAUNCH / "run.sh", LAUNCH / "slurm.sbatch"):
-        texts.append((script.name, "\n".join(ln[1:] for ln in script.read_text().splitlines() if ln.startswith("#   "))))
+        lines = script.read_text().splitlines()
+        texts.append((script.name, "\n".join(ln[1:] for ln in lines if ln.startswith("#   "))))
     found = []
     for name, text in texts:
         for line in text.replace("\\\n", " ").splitlines():
@@ -286,7 +288,8 @@ def _documented_commands() -> list[tuple[str, str, list[str]]]:
                 words = shlex.split(line)
             except ValueError:
                 continue
-            entry = next((w.split("=", 1)[1] for w in words if w in ("ENTRY=train", "ENTRY=driver", "ENTRY=demo")), None)
+            entries = ("ENTRY=train", "ENTRY=driver", "ENTRY=demo")
+            entry = next((w.split("=", 1)[1] for w in words if w in entries), None)
             for i, word in enumerate(words):
                 if word.endswith("train_driver.py"):
                     found.append((name, "driver", words[i + 1:]))

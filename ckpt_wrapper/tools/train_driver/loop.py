@@ -212,7 +212,8 @@ def _train(args: argparse.Namespace, device: torch.device, rank: int, world: int
         ("loss first / last", f"{losses[first]:.4f} / {losses[last]:.4f}" if losses else "-"),
         ("step time (median after the first)", f"{median:.3f} s"),
         ("tokens/s (global)", f"{tokens_per_step / median:,.0f}" if losses else "-"),
-        ("peak memory (max over ranks)", f"{peak / MiB:,.1f} MiB {'allocated' if device.type == 'cuda' else 'resident'}"),
+        ("peak memory (max over ranks)",
+         f"{peak / MiB:,.1f} MiB {'allocated' if device.type == 'cuda' else 'resident'}"),
         ("checkpoint", str(saved) if saved else "-"),
     ]
     if rank == 0:
