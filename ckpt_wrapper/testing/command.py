@@ -4,11 +4,12 @@ Run it under torchrun; every rank trains the checkpointed, sharded model beside 
 prints the report. The exit status is 1 when any rank saw a difference beyond tolerance.
 
     torchrun --nproc_per_node 2 -m ckpt_wrapper parity                      # built-in GPT, FSDP2
-    torchrun --nproc_per_node 2 -m ckpt_wrapper parity --shard fsdp1 --strategy SHARD_GRAD_OP --order after
-    torchrun --nproc_per_node 4 -m ckpt_wrapper parity --model mypkg.models:build --batch mypkg.data:batch \\
-        --blocks LlamaDecoderLayer --shard fsdp2 --param-dtype bf16 --reduce-dtype fp32 --reference sharded
+    torchrun --nproc_per_node 2 -m ckpt_wrapper parity --parallel fsdp1 --sharding-strategy SHARD_GRAD_OP \\
+        --ac-order after
+    torchrun --nproc_per_node 4 -m ckpt_wrapper parity --model mypkg.models:build --batch-fn mypkg.data:batch \\
+        --blocks LlamaDecoderLayer --parallel fsdp2 --param-dtype bf16 --reduce-dtype fp32 --reference sharded
 
-``--model`` names a zero-argument callable returning the model; ``--batch`` a callable ``step ->
+``--model`` names a zero-argument callable returning the model; ``--batch-fn`` a callable ``step ->
 (inputs, targets)`` returning the global batch, identical on every rank (split along dimension 0).
 """
 
@@ -26,11 +27,12 @@ import torch.distributed as dist
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
 from ckpt_wrapper.distributed import default_device, init_distributed
-from ckpt_wrapper.testing.recipes import SHARD_KINDS, ShardRecipe
+from ckpt_wrapper.testing.recipes import ShardRecipe
 from ckpt_wrapper.offload import offload_wrapper
 from ckpt_wrapper.wrapper import checkpoint_wrapper
 from ckpt_wrapper.selection import by_class_name
 from ckpt_wrapper.testing.parity import ParityConfig, check_parity
+from ckpt_wrapper.tools import flags
 
 __all__ = ["ParityOptions", "add_arguments", "options_from_args", "run"]
 
@@ -75,42 +77,54 @@ def _builtin_batch(step: int, *, batch: int, seq_len: int, vocab: int) -> tuple[
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``parity`` flags to ``parser``."""
-    parser.add_argument("--model", help="module:callable returning the model (default: built-in small GPT)")
-    parser.add_argument("--batch", help="module:callable, step -> (inputs, targets) global batch (default: synthetic tokens)")
-    parser.add_argument("--blocks", default="Block", help="class name(s) of the blocks to wrap and shard, comma-separated")
-    parser.add_argument("--wrap", choices=["checkpoint", "offload"], default="checkpoint", help="wrapper kind")
-    parser.add_argument("--shard", choices=SHARD_KINDS, default="fsdp2", help="data parallelism")
-    parser.add_argument("--order", choices=["before", "after"], default="before",
-                        help="checkpoint blocks before sharding (FSDP(wrap(block))) or after (wrap(FSDP(block)))")
-    parser.add_argument("--strategy", default="FULL_SHARD", help="FSDP1 sharding strategy")
-    parser.add_argument("--use-orig-params", action="store_true", help="FSDP1 use_orig_params=True")
-    parser.add_argument("--fsdp1-cpu-offload", action="store_true", help="FSDP1 CPUOffload(offload_params=True)")
-    parser.add_argument("--no-reshard", action="store_true", help="FSDP2 reshard_after_forward=False")
-    parser.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], help="mixed precision parameter dtype")
-    parser.add_argument("--reduce-dtype", choices=["bf16", "fp16", "fp32"], help="mixed precision reduce dtype")
-    parser.add_argument("--find-unused", action="store_true", help="DDP find_unused_parameters=True")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps to compare")
+    """Add the ``parity`` flags to ``parser``, in the vocabulary of ``ckpt_wrapper.tools.flags``.
+
+    Example:
+        >>> import argparse
+        >>> from ckpt_wrapper.testing.command import add_arguments, options_from_args
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> options = options_from_args(parser.parse_args(["--parallel", "fsdp1", "--ac-order", "after"]))
+        >>> options.recipe.describe(), options.wrap
+        ('fsdp1 FULL_SHARD use_orig_params=False, checkpoint after sharding', 'checkpoint')
+    """
+    parser.add_argument("--model", default="gpt",
+                        help="gpt (the built-in small GPT) or module:callable returning your model (default: gpt)")
+    parser.add_argument("--batch-fn",
+                        help="module:callable, step -> (inputs, targets), the global batch; needed with your own "
+                             "--model (default: synthetic tokens)")
+    flags.add_blocks_flag(parser, default="Block", what="Block")
+    parser.add_argument("--ac", choices=["full", "offload"], default="full",
+                        help="full: checkpoint_wrapper (recompute); offload: offload_wrapper (default: full)")
+    flags.add_parallel_flags(parser)
+    flags.add_training_flags(parser, steps=3, batch=None, lr=None, seed=None)
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation micro-batches per step")
     parser.add_argument("--reference", choices=["unsharded", "sharded"], default="unsharded",
                         help="compare with a plain model on the global batch, or the same recipe without checkpointing")
-    parser.add_argument("--rtol", type=float, help="relative tolerance (default: 0 vs sharded, 1e-5 vs unsharded)")
-    parser.add_argument("--atol", type=float, help="absolute tolerance (default: 0 vs sharded, 1e-6 vs unsharded)")
-    parser.add_argument("--device", help="device, e.g. cpu or cuda (default: cuda if available)")
+    flags.add_tolerance_flags(parser, rtol=None, atol=None, rtol_text="0 vs sharded, 1e-5 vs unsharded",
+                              atol_text="0 vs sharded, 1e-6 vs unsharded")
+    flags.add_device_flag(parser)
+    # Old spellings: hidden, still accepted (the sharding ones are in add_parallel_flags).
+    parser.add_argument("--batch", dest="batch_fn", action=flags.DeprecatedAlias, new="--batch-fn")
+    parser.add_argument("--wrap", dest="ac", action=flags.DeprecatedAlias, new="--ac full|offload",
+                        choices=["checkpoint", "offload"],
+                        convert=lambda value: {"ac": "full" if value == "checkpoint" else value})
 
 
 def options_from_args(args: argparse.Namespace) -> ParityOptions:
-    """Turn parsed flags into ``ParityOptions``; raises ``ValueError`` on bad combinations."""
-    recipe = ShardRecipe(
-        kind=args.shard, wrap_order=args.order, sharding_strategy=args.strategy,
-        use_orig_params=args.use_orig_params, cpu_offload=args.fsdp1_cpu_offload,
-        reshard_after_forward=not args.no_reshard, param_dtype=args.param_dtype,
-        reduce_dtype=args.reduce_dtype, find_unused_parameters=args.find_unused,
-    )
+    """Turn parsed flags into ``ParityOptions``.
+
+    Raises:
+        ValueError: on a flag combination that cannot work (see ``ckpt_wrapper.tools.flags.recipe_from_args``).
+    """
+    if args.model != "gpt" and args.batch_fn is None:
+        raise ValueError(f"--model {args.model} needs --batch-fn too (module:callable, step -> (inputs, targets)); "
+                         "found none. Only the built-in --model gpt has a batch of its own")
     config = ParityConfig(steps=args.steps, micro_batches=args.micro_batches, reference=args.reference,
                           rtol=args.rtol, atol=args.atol)
-    return ParityOptions(model=args.model, batch=args.batch, blocks=args.blocks, wrap=args.wrap,
-                         recipe=recipe, config=config, device=args.device)
+    return ParityOptions(model=None if args.model == "gpt" else args.model, batch=args.batch_fn,
+                         blocks=args.blocks, wrap="checkpoint" if args.ac == "full" else args.ac,
+                         recipe=flags.recipe_from_args(args), config=config, device=args.device)
 
 
 def run(options: ParityOptions) -> int:

@@ -35,6 +35,7 @@ from ckpt_wrapper import CheckpointWrapper, apply_activation_checkpointing, by_c
 from ckpt_wrapper.distributed import default_device, init_distributed
 from ckpt_wrapper.measure import SavedBytes, held_after_forward
 from ckpt_wrapper.testing.models import GPT, GPTConfig
+from ckpt_wrapper.tools import flags
 
 __all__ = ["DemoOptions", "GradientReport", "add_arguments", "compare_gradients", "options_from_args", "run"]
 
@@ -430,6 +431,8 @@ def _print_summary(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's flags to ``parser`` (the ``demo`` subcommand's parser), in place.
 
+    The names are those of every command (``ckpt_wrapper.tools.flags``); the defaults are ``DemoOptions``'.
+
     Example:
         >>> import argparse
         >>> from ckpt_wrapper.tools.demo import add_arguments, options_from_args
@@ -439,28 +442,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         2
     """
     defaults = DemoOptions()
-    flags: list[tuple[str, type, str]] = [
-        ("n_layer", int, "transformer blocks"),
-        ("d_model", int, "hidden width"),
-        ("n_head", int, "attention heads (must divide --d-model)"),
-        ("seq_len", int, "tokens per sequence"),
-        ("vocab_size", int, "vocabulary size"),
-        ("batch", int, "sequences per rank per step (global batch = batch x world size)"),
-        ("steps", int, "training steps"),
-        ("lr", float, "AdamW learning rate"),
-        ("seed", int, "seed for weights and tokens"),
-        ("rtol", float, "relative tolerance for gradients and losses"),
-        ("atol", float, "absolute tolerance for gradients and losses"),
-    ]
-    for name, kind, help_text in flags:
-        default = getattr(defaults, name)
-        flag = f"--{name.replace('_', '-')}"
-        parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
-    parser.add_argument(
-        "--device", default=None,
-        help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available, else cpu); "
-             "the distributed backend follows the device",
-    )
+    flags.add_model_flags(parser, n_layer=defaults.n_layer, d_model=defaults.d_model, n_head=defaults.n_head,
+                          seq_len=defaults.seq_len, vocab_size=defaults.vocab_size)
+    flags.add_training_flags(parser, steps=defaults.steps, batch=defaults.batch, lr=defaults.lr, seed=defaults.seed)
+    flags.add_tolerance_flags(parser, rtol=defaults.rtol, atol=defaults.atol)
+    flags.add_device_flag(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> DemoOptions:

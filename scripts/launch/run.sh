@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Run the ckpt_wrapper demo (default) or the training script under torchrun (python -m torch.distributed.run,
-# so no torchrun on PATH is needed). Remaining arguments go to the entry point.
+# Run the ckpt_wrapper demo (default), the training example or the training driver under torchrun
+# (python -m torch.distributed.run, so no torchrun on PATH is needed). Remaining arguments go to the entry point.
 #
 # Usage:
 #   scripts/launch/run.sh                                   # the demo: 2 ranks on this machine, default model
 #   NPROC=1 scripts/launch/run.sh --steps 10                # demo, 1 rank, 10 steps
 #   PYTHON=.venv/bin/python scripts/launch/run.sh --n-layer 8 --d-model 256
-#   scripts/launch/run.sh train --steps 50 --ac full        # scripts/launch/train.py (or ENTRY=train)
-#   scripts/launch/run.sh train --checkpoint-dir ckpt --stop-after 20   # then again without --stop-after
+#   scripts/launch/run.sh train --steps 50 --checkpoint-dir ckpt   # scripts/launch/train.py (or ENTRY=train)
+#   scripts/launch/run.sh driver --parallel fsdp1 --ac offload     # scripts/launch/train_driver.py
+#   scripts/launch/run.sh driver --checkpoint-dir ckpt --stop-after 20   # then again without --stop-after
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/launch/run.sh train   # on node 0; NODE_RANK=1 on node 1
 #
-# Entry point: the first argument `demo`, `train` or `parity` picks it (default: ENTRY, else demo):
-#   demo    python -m ckpt_wrapper demo      (train with FSDP2 + checkpointing, check gradients)
-#   train   scripts/launch/train.py          (the training loop: parallelism, modes, DCP resume)
-#   parity  python -m ckpt_wrapper parity    (prove parity on your own model)
+# Entry point: the first argument `demo`, `train`, `driver` or `parity` picks it (default: ENTRY, else demo):
+#   demo    python -m ckpt_wrapper demo          (train with FSDP2 + checkpointing, check gradients)
+#   train   scripts/launch/train.py              (the short training example: FSDP2, checkpointing, DCP)
+#   driver  scripts/launch/train_driver.py       (every mode: parallelisms, --ac modes, bitwise DCP resume)
+#   parity  python -m ckpt_wrapper parity        (prove parity on your own model)
 #
 # Environment (defaults): ENTRY (demo), NPROC (2) ranks per node, NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON ($VIRTUAL_ENV/bin/python in an active venv, else
@@ -23,7 +25,7 @@ set -euo pipefail
 
 ENTRY=${ENTRY:-demo}
 case "${1:-}" in
-    demo|train|parity) ENTRY=$1; shift ;;
+    demo|train|driver|parity) ENTRY=$1; shift ;;
 esac
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
@@ -42,7 +44,9 @@ export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 case "$ENTRY" in
     demo|parity) target=(-m ckpt_wrapper "$ENTRY") ;;
     train) target=("$repo_root/scripts/launch/train.py") ;;
-    *) echo "run.sh: ENTRY must be demo, train or parity, got '$ENTRY'" >&2; exit 2 ;;
+    driver) target=("$repo_root/scripts/launch/train_driver.py") ;;
+    *) echo "run.sh: ENTRY must be demo, train, driver or parity; found '$ENTRY'. Pass one as the first argument" >&2
+       exit 2 ;;
 esac
 
 command=("$PYTHON" -m torch.distributed.run

@@ -138,7 +138,7 @@ def test_two_cpu_processes_through_accelerate_launch() -> None:
 
 @pytest.mark.slow
 def test_train_script_under_accelerate_fsdp2_config() -> None:
-    """``accelerate launch --config_file accelerate_fsdp2.yaml train.py --parallel accelerate`` trains.
+    """``accelerate launch --config_file accelerate_fsdp2.yaml train_driver.py --parallel accelerate`` trains.
 
     On a CPU-only machine accelerate runs DDP (its FSDP plugin needs an accelerator); the checkpointed
     blocks go through ``apply_checkpointing`` either way. A failure means the documented command is broken.
@@ -146,7 +146,7 @@ def test_train_script_under_accelerate_fsdp2_config() -> None:
     pytest.importorskip("accelerate")
     result = _accelerate_launch(
         "--config_file", str(LAUNCH / "accelerate_fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-        str(LAUNCH / "train.py"), "--parallel", "accelerate", "--steps", "2", "--n-layer", "2", "--d-model", "32",
+        str(LAUNCH / "train_driver.py"), "--parallel", "accelerate", "--steps", "2", "--n-layer", "2", "--d-model", "32",
         "--n-head", "4", "--seq-len", "16", "--vocab-size", "64", "--batch", "2", "--progress", "lines",
     )
     assert result.returncode == 0, _explain(result)
@@ -173,13 +173,13 @@ def test_fsdp_plugin_on_gpu_one_process() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("config", ["accelerate_fsdp1.yaml", "accelerate_fsdp2.yaml"])
 def test_train_script_under_fsdp_config_on_gpu(config: str) -> None:
-    """train.py under each accelerate config on one GPU process: accelerate's FSDP plugin, bf16, checkpointing.
+    """train_driver.py under each accelerate config on one GPU process: accelerate's FSDP plugin, bf16, checkpointing.
 
-    A failure means the documented GPU command is broken (the plugin cannot find train.py's blocks, say).
+    A failure means the documented GPU command is broken (the plugin cannot find the driver's blocks, say).
     """
     pytest.importorskip("accelerate")
     result = _accelerate_launch(
-        "--config_file", str(LAUNCH / config), "--num_processes", "1", str(LAUNCH / "train.py"),
+        "--config_file", str(LAUNCH / config), "--num_processes", "1", str(LAUNCH / "train_driver.py"),
         "--parallel", "accelerate", "--steps", "2", "--n-layer", "2", "--d-model", "64", "--n-head", "4",
         "--seq-len", "32", "--vocab-size", "128", "--progress", "lines",
     )

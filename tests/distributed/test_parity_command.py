@@ -26,9 +26,9 @@ def _parity(nproc: int, *flags: str) -> str:
 
 
 @pytest.mark.parametrize("flags", [
-    ("--shard", "fsdp2"),
-    ("--shard", "fsdp1", "--order", "after", "--strategy", "SHARD_GRAD_OP"),
-    ("--shard", "ddp", "--wrap", "offload"),
+    ("--parallel", "fsdp2"),
+    ("--parallel", "fsdp1", "--ac-order", "after", "--sharding-strategy", "SHARD_GRAD_OP"),
+    ("--parallel", "ddp", "--ac", "offload"),
 ], ids=["fsdp2", "fsdp1-after", "ddp-offload"])
 def test_parity_command_passes_on_cpu_ranks(flags):
     """The command trains the built-in GPT on 2 gloo ranks and reports parity; exit status 0."""
@@ -38,17 +38,46 @@ def test_parity_command_passes_on_cpu_ranks(flags):
 def test_parity_command_exits_nonzero_when_model_differs():
     """A user model whose blocks behave differently when recomputed must fail the check (exit 1)."""
     result = torchrun(2, "-m", "ckpt_wrapper", "parity", "--model", "parity_targets:drifting_model",
-                      "--batch", "parity_targets:batch", "--blocks", "Drifting", "--shard", "ddp",
+                      "--batch-fn", "parity_targets:batch", "--blocks", "Drifting", "--parallel", "ddp",
                       env={"PYTHONPATH": _here()})
     assert result.returncode == 1, result.stdout + result.stderr[-4000:]
     assert "FAILED" in result.stdout
 
 
 def test_parity_command_rejects_model_without_batch():
-    """--model without --batch is a usage error naming the missing flag, not a traceback or a hang."""
-    result = torchrun(1, "-m", "ckpt_wrapper", "parity", "--model", "parity_targets:drifting_model", "--shard", "none",
-                      env={"PYTHONPATH": _here()})
-    assert result.returncode != 0 and "--batch" in result.stderr
+    """--model without --batch-fn is a usage error naming the missing flag, not a traceback or a hang."""
+    result = torchrun(1, "-m", "ckpt_wrapper", "parity", "--model", "parity_targets:drifting_model",
+                      "--parallel", "none", env={"PYTHONPATH": _here()})
+    assert result.returncode != 0 and "needs --batch-fn" in result.stderr, result.stderr[-3000:]
+
+
+def test_old_flag_spellings_still_parse_to_the_same_options(capsys):
+    """``--shard``, ``--order``, ``--strategy``, ``--no-reshard``, ``--wrap`` and ``--batch`` (the spellings
+    before the shared vocabulary) give the options of the new flags, each with a one-line note.
+
+    No ranks. A failure means a parity command line written for an earlier release now fails or changes
+    meaning.
+    """
+    import argparse
+
+    from ckpt_wrapper.testing.command import add_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def options(*flags):
+        return options_from_args(parser.parse_args(list(flags)))
+
+    old = options("--shard", "fsdp2", "--order", "after", "--no-reshard", "--wrap", "offload",
+                  "--model", "m:f", "--batch", "m:b")
+    new = options("--parallel", "fsdp2", "--ac-order", "after", "--sharding-strategy", "SHARD_GRAD_OP",
+                  "--ac", "offload", "--model", "m:f", "--batch-fn", "m:b")
+    assert old == new and new.wrap == "offload" and new.batch == "m:b" and not new.recipe.reshard_after_forward
+    assert options("--shard", "fsdp1", "--strategy", "NO_SHARD") == options(
+        "--parallel", "fsdp1", "--sharding-strategy", "NO_SHARD")
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 7 and all(n.startswith("note: ") and "deprecated" in n for n in notes), notes
+    assert options("--model", "gpt").model is None  # the built-in GPT, by name
 
 
 def _here() -> str:
@@ -60,12 +89,14 @@ def _here() -> str:
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("flags", [
-    ("--shard", "fsdp2", "--param-dtype", "bf16", "--reduce-dtype", "fp32", "--reference", "sharded"),
-    ("--shard", "fsdp2", "--no-reshard", "--param-dtype", "bf16", "--reduce-dtype", "fp32", "--reference", "sharded", "--wrap", "offload"),
-    ("--shard", "fsdp1", "--param-dtype", "bf16", "--reduce-dtype", "fp32", "--reference", "sharded"),
-    ("--shard", "fsdp1", "--order", "after", "--use-orig-params", "--param-dtype", "bf16", "--reference", "sharded"),
-    ("--shard", "fsdp1", "--fsdp1-cpu-offload"),
-    ("--shard", "fsdp1", "--fsdp1-cpu-offload", "--use-orig-params"),
+    ("--parallel", "fsdp2", "--param-dtype", "bf16", "--reduce-dtype", "fp32", "--reference", "sharded"),
+    ("--parallel", "fsdp2", "--sharding-strategy", "SHARD_GRAD_OP", "--param-dtype", "bf16", "--reduce-dtype", "fp32",
+     "--reference", "sharded", "--ac", "offload"),
+    ("--parallel", "fsdp1", "--param-dtype", "bf16", "--reduce-dtype", "fp32", "--reference", "sharded"),
+    ("--parallel", "fsdp1", "--ac-order", "after", "--use-orig-params", "--param-dtype", "bf16",
+     "--reference", "sharded"),
+    ("--parallel", "fsdp1", "--fsdp1-cpu-offload"),
+    ("--parallel", "fsdp1", "--fsdp1-cpu-offload", "--use-orig-params"),
 ], ids=["fsdp2-bf16", "fsdp2-bf16-noreshard-offload", "fsdp1-bf16", "fsdp1-after-bf16", "fsdp1-cpuoffload", "fsdp1-cpuoffload-orig"])
 def test_parity_on_one_gpu_with_nccl(flags):
     """World size 1 on CUDA with NCCL: streams and mixed-precision casts under recompute."""
@@ -74,7 +105,8 @@ def test_parity_on_one_gpu_with_nccl(flags):
 
 @needs_2_gpus
 @pytest.mark.gpu
-@pytest.mark.parametrize("flags", [("--shard", "fsdp2"), ("--shard", "fsdp1", "--order", "after"), ("--shard", "ddp")],
+@pytest.mark.parametrize("flags", [("--parallel", "fsdp2"), ("--parallel", "fsdp1", "--ac-order", "after"),
+                                   ("--parallel", "ddp")],
                          ids=["fsdp2", "fsdp1-after", "ddp"])
 def test_parity_on_two_gpus_with_nccl(flags):
     """Two CUDA ranks with NCCL."""

@@ -1,13 +1,14 @@
-"""scripts/launch/ under torchrun (2 gloo ranks): train.py's resume and parallelisms, the launchers, and the
-collective counts docs/distributed.md publishes.
+"""scripts/launch/ under torchrun (2 gloo ranks): the example train.py, the driver's resume and parallelisms,
+the launchers, the one flag vocabulary, and the collective counts docs/distributed.md publishes.
 
-The resume test chains three runs off one checkpoint directory and compares their losses with an
+The driver's resume test chains three runs off one checkpoint directory and compares their losses with an
 uninterrupted run: bitwise on CPU, with dropout on (so each rank's RNG state must be restored), and with
 the last run wrapping blocks differently from the runs that saved (names do not depend on wrapping).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -17,15 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_wrapper.tools.train_driver.args import build_parser, check_args
 from pool import torchrun
 
 pytestmark = pytest.mark.timeout(300)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = REPO_ROOT / "scripts" / "launch"
-TRAIN = str(LAUNCH / "train.py")
-TINY = ["--n-layer", "3", "--d-model", "32", "--n-head", "4", "--seq-len", "16", "--vocab-size", "64", "--batch", "2",
-        "--progress", "lines"]
+TRAIN = str(LAUNCH / "train.py")  # the example to copy
+DRIVER = str(LAUNCH / "train_driver.py")  # every mode
+SHAPE = ["--n-layer", "3", "--d-model", "32", "--n-head", "4", "--seq-len", "16", "--vocab-size", "64", "--batch", "2"]
+TINY = [*SHAPE, "--progress", "lines"]
 
 
 def _explain(result: subprocess.CompletedProcess[str]) -> str:
@@ -35,7 +38,7 @@ def _explain(result: subprocess.CompletedProcess[str]) -> str:
 
 def _train(tmp_path: Path, name: str, *flags: str, nproc: int = 2) -> dict:
     metrics = tmp_path / f"{name}.json"
-    result = torchrun(nproc, TRAIN, *TINY, *flags, "--metrics-out", str(metrics))
+    result = torchrun(nproc, DRIVER, *TINY, *flags, "--metrics-out", str(metrics))
     assert result.returncode == 0, f"{name}: {_explain(result)}"
     assert result.stdout.count("summary") == 1, f"{name}: rank 0 alone prints the summary\n{_explain(result)}"
     return {**json.loads(metrics.read_text()), "stdout": result.stdout, "stderr": result.stderr}
@@ -65,8 +68,8 @@ def test_stopped_and_resumed_runs_give_the_uninterrupted_losses_bitwise(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [
-    ("--parallel", "fsdp", "--ac-order", "after", "--every", "2", "--progress", "bar"),
-    ("--parallel", "ddp", "--ac", "full+offload", "--offload-cpu-copy", "--mixed-precision", "bf16"),
+    ("--parallel", "fsdp1", "--ac-order", "after", "--every", "2", "--progress", "bar"),
+    ("--parallel", "ddp", "--ac", "full+offload", "--offload-cpu-copy", "--param-dtype", "bf16"),
     ("--parallel", "fsdp2", "--model", "llama", "--sharding-strategy", "SHARD_GRAD_OP"),
 ], ids=["fsdp1-after-every2-bar", "ddp-full+offload-bf16", "fsdp2-llama"])
 def test_training_runs_under_each_parallelism(tmp_path: Path, flags: tuple[str, ...]) -> None:
@@ -102,15 +105,15 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_sh_train_entry_and_text_data(tmp_path: Path) -> None:
-    """``scripts/launch/run.sh train`` launches train.py on 2 ranks (the CPU default), here on a local text file.
+def test_run_sh_driver_entry_and_text_data(tmp_path: Path) -> None:
+    """``scripts/launch/run.sh driver`` launches the driver on 2 ranks (the CPU default), here on a local text file.
 
-    A failure means the launcher's train entry or byte-level text data is broken.
+    A failure means the launcher's driver entry or byte-level text data is broken.
     """
     text = tmp_path / "corpus.txt"
     text.write_text("Activation checkpointing trades compute for memory. " * 40)
     env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(_port())}
-    result = subprocess.run(["bash", str(LAUNCH / "run.sh"), "train", *TINY, "--vocab-size", "256", "--steps", "2",
+    result = subprocess.run(["bash", str(LAUNCH / "run.sh"), "driver", *TINY, "--vocab-size", "256", "--steps", "2",
                              "--parallel", "ddp", "--data", str(text)],
                             capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, _explain(result)
@@ -150,18 +153,42 @@ def _port() -> int:
     return _free_port()
 
 
+@pytest.mark.slow
+def test_example_trains_and_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """The example (train.py) on 2 ranks: steps 1-2, then a rerun with --steps 4 resumes at 3 and prints the
+    losses of an uninterrupted 1-4 run (no dropout, a constant learning rate, data a function of the step).
+
+    A failure means the example users copy does not train, does not shard its checkpointed blocks, or does
+    not resume from its DCP checkpoint.
+    """
+    def example(*flags: str) -> tuple[list[str], str]:
+        result = torchrun(2, TRAIN, *SHAPE, *flags)
+        assert result.returncode == 0, _explain(result)
+        assert result.stdout.count("summary") == 1, _explain(result)
+        return [line.split("(")[0] for line in result.stdout.splitlines() if line.startswith("step ")], result.stdout
+
+    whole, _ = example("--steps", "4")
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    first, _ = example("--steps", "2", *ckpt)
+    second, out = example("--steps", "4", *ckpt)
+    assert [line.replace("/2 ", "/4 ") for line in first] + second == whole, (first, second, whole)
+    assert "blocks checkpointed, then sharded  3 (Block)" in out, out
+    assert "steps                              3-4" in out, out
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002", "step-000004"]
+
+
 # --- fast checks: no ranks ---------------------------------------------------------------------------------
 
 
 def test_launchers_build_the_torchrun_command(tmp_path: Path) -> None:
-    """run.sh keeps the demo as its default entry; ENTRY or a first argument picks train.py; the SLURM script
-    gives every node its own NODE_RANK and the first node as rendezvous host.
+    """run.sh keeps the demo as its default entry; ENTRY or a first argument picks train.py or the driver; the
+    SLURM script gives every node its own NODE_RANK and the first node as rendezvous host.
 
     Runs the scripts with ``DRY_RUN=1`` and stand-ins for ``srun`` and ``scontrol``. A failure means
     ``make demo`` or a multi-node job would launch the wrong thing.
     """
     def dry(*args: str, **env: str) -> str:
-        full = {**os.environ, "DRY_RUN": "1", "PYTHON": "python3", **env}
+        full = {**{k: v for k, v in os.environ.items() if k != "ENTRY"}, "DRY_RUN": "1", "PYTHON": "python3", **env}
         result = subprocess.run(["bash", *args], capture_output=True, text=True, timeout=30, env=full, cwd=REPO_ROOT)
         assert result.returncode == 0, _explain(result)
         return result.stdout
@@ -171,6 +198,8 @@ def test_launchers_build_the_torchrun_command(tmp_path: Path) -> None:
     assert "--nproc_per_node 2 --nnodes 1 --node_rank 0" in dry(run_sh)
     assert dry(run_sh, "train", "--steps", "3").split()[-3:] == [TRAIN, "--steps", "3"]
     assert dry(run_sh, "--steps", "3", ENTRY="train").split()[-3:] == [TRAIN, "--steps", "3"]
+    assert dry(run_sh, "driver", "--steps", "3").split()[-3:] == [DRIVER, "--steps", "3"]
+    assert dry(run_sh, "parity", "--steps", "3").split()[-4:] == ["ckpt_wrapper", "parity", "--steps", "3"]
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -178,15 +207,18 @@ def test_launchers_build_the_torchrun_command(tmp_path: Path) -> None:
     (fake_bin / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
     for tool in fake_bin.iterdir():
         tool.chmod(0o755)
-    out = dry(str(LAUNCH / "slurm.sbatch"), "--steps", "5", PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
-              SLURM_SUBMIT_DIR=str(REPO_ROOT), SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_ID="7", SLURM_NNODES="2",
-              SLURM_NODEID="1", SLURM_GPUS_ON_NODE="4")
+    slurm = {"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO_ROOT),
+             "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+             "SLURM_GPUS_ON_NODE": "4"}
+    out = dry(str(LAUNCH / "slurm.sbatch"), "--steps", "5", **slurm)
     assert "--nproc_per_node 4 --nnodes 2 --node_rank 1 --master_addr node-a --master_port 20007" in out, out
     assert out.split()[-3:] == [TRAIN, "--steps", "5"], out
+    out = dry(str(LAUNCH / "slurm.sbatch"), "--steps", "5", ENTRY="driver", **slurm)
+    assert out.split()[-3:] == [DRIVER, "--steps", "5"], out
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("ckpt_wrapper_train_script", TRAIN)
+def _example_module():
+    spec = importlib.util.spec_from_file_location("ckpt_wrapper_train_example", TRAIN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -194,58 +226,153 @@ def _train_module():
 
 def test_flag_combinations_that_cannot_work_are_usage_errors() -> None:
     """Impossible flag combinations are refused before any rank trains, saying what to change."""
-    train = _train_module()
-    parser = train.build_parser()
+    parser = build_parser()
     cases = {
         ("--stop-after", "2"): "--checkpoint-dir",
         ("--parallel", "none"): "one process",
-        ("--parallel", "fsdp2", "--sharding-strategy", "HYBRID_SHARD"): "FSDP1 strategy",
+        ("--parallel", "fsdp2", "--sharding-strategy", "HYBRID_SHARD"): "an FSDP1 strategy: use --parallel fsdp1",
         ("--data", "x.txt", "--vocab-size", "100"): "--vocab-size must be >= 256",
-        ("--ac-order", "after"): "--parallel fsdp, ddp or none",
+        ("--ac-order", "after"): "--parallel fsdp1, ddp or none",
         ("--stop-after", "30", "--checkpoint-dir", "c"): "within 1..--steps",
+        ("--parallel", "ddp", "--reduce-dtype", "fp32"): "drop --reduce-dtype",
+        ("--parallel", "accelerate", "--ac", "plan"): "not wired to --parallel accelerate",
     }
     for flags, expected in cases.items():
         with pytest.raises(ValueError, match=expected.replace(".", r"\.").replace("(", r"\(")):
-            train.check_args(parser.parse_args(list(flags)), world=2)
+            check_args(parser.parse_args(list(flags)), world=2)
     assert all(action.help for action in parser._actions), "every flag has help"
+    assert all(action.help for action in _example_parser()._actions), "every flag of the example has help"
 
 
-def _documented_train_commands() -> list[tuple[str, list[str]]]:
-    """(page, flags) for every train.py command in the docs' and README's bash blocks and train.py's docstring."""
+def _example_parser() -> argparse.ArgumentParser:
+    """The example's parser, captured from its parse_args (the example builds it inline, as users would)."""
+    example, captured = _example_module(), []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        captured.append(self)
+        return original(self, args, namespace)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        example.parse_args([])
+    return captured[0]
+
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, program, flags) for every train.py, train_driver.py, slurm.sbatch, run.sh train/driver and
+    ckpt_wrapper parity/demo command in the docs' and README's bash blocks and the scripts' docstrings.
+
+    ``program`` is ``train`` (the example), ``driver``, ``parity`` or ``demo``.
+    """
     import re
     import shlex
 
+    from ckpt_wrapper.testing import command
+    from ckpt_wrapper.tools import demo, train_driver
+
     pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
     texts = [(p.name, block) for p in pages for block in re.findall(r"^```bash\n(.*?)^```", p.read_text(), re.S | re.M)]
-    texts.append(("train.py", _train_module().__doc__))
+    # In docstrings the commands are the indented lines; in the shell scripts, the indented comment lines.
+    docstrings = [("train.py", _example_module().__doc__), ("train_driver", train_driver.__doc__),
+                  ("parity command", command.__doc__), ("demo", demo.__doc__)]
+    texts += [(name, "\n".join(ln for ln in doc.splitlines() if ln.startswith("    "))) for name, doc in docstrings]
+    for script in (LAUNCH / "run.sh", LAUNCH / "slurm.sbatch"):
+        lines = script.read_text().splitlines()
+        texts.append((script.name, "\n".join(ln[1:] for ln in lines if ln.startswith("#   "))))
     found = []
     for name, text in texts:
         for line in text.replace("\\\n", " ").splitlines():
-            words = shlex.split(line.split("#", 1)[0])
+            line = re.sub(r"\s+\(.*\)\s*$", "", line.split(" #", 1)[0])  # a trailing (comment) in run.sh's list
+            try:
+                words = shlex.split(line)
+            except ValueError:
+                continue
+            entries = ("ENTRY=train", "ENTRY=driver", "ENTRY=demo")
+            entry = next((w.split("=", 1)[1] for w in words if w in entries), None)
             for i, word in enumerate(words):
-                if word.endswith(("train.py", "slurm.sbatch")):
-                    found.append((name, words[i + 1:]))
-                    break
-                if word.endswith("run.sh") and words[i + 1: i + 2] == ["train"]:
-                    found.append((name, words[i + 2:]))
-                    break
+                if word.endswith("train_driver.py"):
+                    found.append((name, "driver", words[i + 1:]))
+                elif word.endswith(("train.py", "slurm.sbatch")):
+                    found.append((name, entry or "train", words[i + 1:]))
+                elif word.endswith("run.sh") and words[i + 1: i + 2] in (["train"], ["driver"], ["parity"], ["demo"]):
+                    found.append((name, words[i + 1], words[i + 2:]))
+                elif word.endswith("run.sh"):  # no entry argument: ENTRY, else the demo
+                    found.append((name, entry or "demo", words[i + 1:]))
+                elif word == "ckpt_wrapper" and words[i + 1: i + 2] in (["parity"], ["demo"]):
+                    found.append((name, words[i + 1], words[i + 2:]))
+                else:
+                    continue
+                break
     return found
 
 
-def test_documented_train_commands_are_valid() -> None:
-    """Every train.py command line in README.md, docs/ and train.py's docstring parses and passes the flag checks.
+def _parse(program: str, flags: list[str]) -> argparse.Namespace:
+    """Parse ``flags`` as ``program`` does, and run its checks."""
+    if program == "train":
+        return _example_module().parse_args(flags)
+    if program == "driver":
+        args = build_parser().parse_args(flags)
+        check_args(args, world=1 if args.parallel == "none" else 2)
+        return args
+    from ckpt_wrapper.tools.cli import build_parser as cli_parser
+
+    args = cli_parser().parse_args([program, *flags])
+    args._module.options_from_args(args)
+    return args
+
+
+def test_documented_commands_are_valid_and_use_no_old_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every train.py, driver, parity and demo command line in README.md, docs/ and the scripts' docstrings
+    parses, passes the flag checks and uses no deprecated spelling.
 
     A failure means a documented command uses a flag that was renamed or a combination that is refused.
     """
-    train = _train_module()
-    commands = _documented_train_commands()
-    assert len(commands) >= 10, commands  # the extraction works
-    for page, flags in commands:
+    commands = _documented_commands()
+    programs = {program for _, program, _ in commands}
+    assert len(commands) >= 15 and programs == {"train", "driver", "parity", "demo"}, commands  # the extraction works
+    for page, program, flags in commands:
         try:
-            args = train.build_parser().parse_args(flags)
-            train.check_args(args, world=1 if args.parallel == "none" else 2)
+            _parse(program, flags)
         except (SystemExit, ValueError) as error:
-            raise AssertionError(f"{page}: train.py {' '.join(flags)}: {error}") from error
+            raise AssertionError(f"{page}: {program} {' '.join(flags)}: {error}\n{capsys.readouterr().err}") from error
+        note = capsys.readouterr().err
+        assert "deprecated" not in note, f"{page}: {program} {' '.join(flags)}: {note}"
+
+
+def test_train_demo_and_parity_speak_one_flag_vocabulary(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same concept has the same flag in every command, and the old spellings still work with a note.
+
+    A failure means a command grew its own spelling of a shared flag, or an old spelling stopped working.
+    """
+    from ckpt_wrapper.tools.cli import build_parser as cli_parser
+    from ckpt_wrapper.tools.flags import recipe_from_args
+
+    def options(parser: argparse.ArgumentParser) -> set[str]:
+        return {o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
+
+    cli = cli_parser()
+    subparsers = next(a for a in cli._actions if isinstance(a, argparse._SubParsersAction)).choices
+    example, driver, demo, parity = _example_parser(), build_parser(), subparsers["demo"], subparsers["parity"]
+    shape = {"--n-layer", "--d-model", "--n-head", "--seq-len", "--vocab-size"}
+    training = {"--steps", "--batch", "--lr", "--seed", "--device"}
+    assert shape | training | {"--model", "--blocks", "--checkpoint-dir"} <= options(example) <= options(driver)
+    assert shape | training <= options(demo)
+    sharding = {"--parallel", "--ac-order", "--sharding-strategy", "--use-orig-params", "--fsdp1-cpu-offload",
+                "--find-unused", "--param-dtype", "--reduce-dtype"}
+    assert sharding | {"--steps", "--device", "--blocks", "--ac", "--model", "--rtol", "--atol"} <= options(parity)
+    assert sharding | {"--ac"} <= options(driver) and {"--rtol", "--atol"} <= options(demo)
+
+    new = ["--parallel", "fsdp1", "--ac-order", "after", "--sharding-strategy", "SHARD_GRAD_OP",
+           "--param-dtype", "bf16", "--reduce-dtype", "fp32"]
+    old = ["--shard", "fsdp", "--order", "after", "--strategy", "SHARD_GRAD_OP", "--mixed-precision", "bf16"]
+    for parser in (driver, parity):
+        assert recipe_from_args(parser.parse_args(old)) == recipe_from_args(parser.parse_args(new))
+    notes = capsys.readouterr().err
+    for spelling in ("--shard", "--order", "--strategy", "--mixed-precision", "--parallel fsdp"):
+        assert f"note: {spelling} is deprecated" in notes, notes
+    assert recipe_from_args(driver.parse_args(["--no-reshard"])).reshard_after_forward is False
+    assert driver.parse_args(["--parallel", "fsdp"]).parallel == "fsdp1"
 
 
 def test_modes_from_a_newer_release_say_they_are_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,12 +383,12 @@ def test_modes_from_a_newer_release_say_they_are_not_available(monkeypatch: pyte
     import torch
 
     import ckpt_wrapper
+    from ckpt_wrapper.tools.train_driver.modes import plan_checkpointing, selective_checkpointing
 
-    train = _train_module()
     monkeypatch.setattr(ckpt_wrapper, "plan", None, raising=False)
     monkeypatch.setitem(sys.modules, "ckpt_wrapper.selective", None)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="--ac plan is not available in this version"):
-        train._plan(model, None, torch.zeros(1), 0.5, rank=0)
+        plan_checkpointing(model, None, torch.zeros(1), 0.5, rank=0)
     with pytest.raises(ValueError, match="--ac selective is not available in this version"):
-        train._selective(model, None, "matmuls")
+        selective_checkpointing(model, None, "matmuls")
