@@ -70,6 +70,8 @@ class WrapState:
     """Which buffers the block's forward updates in place (learned), so a recompute can undo it."""
     entered: bool = False
     """Whether the block's own forward is running (a forward or a recompute)."""
+    recomputes: int = 0
+    """How many times backward ran the block's forward again (a checkpointed block's count)."""
 
 
 # Generated classes, one per (wrapper kind, block class). A memo, not state: the same inputs always

@@ -146,8 +146,10 @@ class CheckpointWrapper(ActivationWrapper):
                 calls += 1
                 if calls == 1:
                     record = ForwardRecord(self, state.updated_buffers, call_args, call_kwargs)
-                elif record is not None:
-                    replay = record.replay()
+                else:
+                    state.recomputes += 1
+                    if record is not None:
+                        replay = record.replay()
             try:
                 with replay, out_of_place:
                     out = inner(*call_args, **call_kwargs)

@@ -35,7 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckpt_wrapper.log import get_logger
+from ckpt_wrapper.state import ActivationWrapper, wrap_state
+from ckpt_wrapper.testing.data import lm_loss
 from ckpt_wrapper.testing.recipes import ShardRecipe, clean_name, shard_model
+from ckpt_wrapper.wrapper import CheckpointWrapper
 
 __all__ = ["ParityConfig", "ParityReport", "check_parity", "default_loss"]
 
@@ -51,7 +54,9 @@ class ParityConfig:
     steps: int = 3
     """Optimizer steps to compare (each: forward, backward, step)."""
     lr: float = 0.05
-    """SGD learning rate (plain SGD: differences are not amplified the way Adam's normalisation would)."""
+    """SGD learning rate (SGD: differences are not amplified the way Adam's normalisation would)."""
+    momentum: float = 0.9
+    """SGD momentum: gives the optimizer state to compare (its momentum buffers)."""
     seed: int = 0
     """Seed for the model's initialisation and for each step's RNG (dropout)."""
     reference: Literal["unsharded", "sharded"] = "unsharded"
@@ -99,6 +104,12 @@ class ParityReport:
     grads_compared: bool = True
     """False where gradients cannot be gathered (FSDP1 with use_orig_params=False): parameters
     after each step are compared instead, which any gradient difference would change."""
+    world_size: int = 1
+    """Ranks that took part; 1 means sharding across ranks was not exercised."""
+    wrapped: list[str] = dataclasses.field(default_factory=list)
+    """Blocks the ``wrap`` wrapped (their FQNs), and recomputes seen in the first backward."""
+    recomputes: int = 0
+    """Block forwards run again in backward during the first step (all checkpointed blocks)."""
 
     @property
     def ok(self) -> bool:
@@ -111,9 +122,13 @@ class ParityReport:
 
     def __str__(self) -> str:
         rtol, atol = self.tolerances
+        ranks = (f"on {self.world_size} ranks" if self.world_size > 1 else
+                 "on 1 rank only (no torchrun: sharding across ranks was not exercised)")
         lines = [
-            f"parity: {self.recipe} vs {self.reference} reference (rtol={rtol:g}, atol={atol:g}): "
+            f"parity: {self.recipe} vs {self.reference} reference, {ranks} (rtol={rtol:g}, atol={atol:g}): "
             + ("OK" if self.ok else f"FAILED ({len(self.failures)} comparisons)"),
+            f"checked after every step: loss, outputs, gradients, parameters, every buffer, optimizer state; "
+            f"{len(self.wrapped)} block(s) wrapped, {self.recomputes} recompute(s) in the first backward",
             "step | reference loss | checkpointed loss",
         ]
         lines += [f"{i:4d} | {ref:.8f} | {test:.8f}" for i, (ref, test) in enumerate(self.losses)]
@@ -132,7 +147,7 @@ class ParityReport:
 def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the last dimension for integer targets, mean squared error otherwise."""
     if not targets.is_floating_point():
-        return F.cross_entropy(output.flatten(0, -2).float(), targets.flatten())
+        return lm_loss(output, targets)
     return F.mse_loss(output.float(), targets.float())
 
 
@@ -229,7 +244,12 @@ def check_parity(
     if config.reference == "sharded":
         reference = shard_model(reference, shard, is_block=is_block, apply_checkpointing=lambda m: None, device=device)
     report.grads_compared = not (shard.kind == "fsdp1" and not shard.use_orig_params)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=config.lr) for m in (reference, checkpointed)]
+    report.world_size = world
+    report.wrapped = _wrapped_blocks(checkpointed)
+    if not report.wrapped:
+        report.failures.append("this wrap did not checkpoint any block: nothing was compared against checkpointing")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=config.lr, momentum=config.momentum)
+                  for m in (reference, checkpointed)]
 
     for step in range(config.steps):
         global_batch = torch.utils._pytree.tree_map(
@@ -266,17 +286,60 @@ def check_parity(
             with _gathered(reference, ref_recipe, grads=True) as ref_grads:
                 with _gathered(checkpointed, shard, grads=True) as test_grads:
                     _compare_named(report, "grad", ref_grads, test_grads)
+        if step == 0:
+            report.recomputes = _recomputes(checkpointed)
+            if _checkpoints(checkpointed) and not report.recomputes:
+                report.failures.append(
+                    f"this wrap recomputed nothing: the {len(report.wrapped)} wrapped block(s) never ran again in "
+                    "backward (are they on the forward path, with grad enabled?)"
+                )
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         with _gathered(reference, ref_recipe, grads=False) as ref_params:
             with _gathered(checkpointed, shard, grads=False) as test_params:
                 _compare_named(report, "param", ref_params, test_params)
+        _compare_named(report, "buffer", _buffers(reference), _buffers(checkpointed))
+        if report.grads_compared:  # optimizer state lives in flat parameters where gradients do
+            _compare_named(report, "optimizer", _optimizer_state(reference, optimizers[0]),
+                           _optimizer_state(checkpointed, optimizers[1]))
         if config.eval_between:
             _compare_eval(report, reference, checkpointed, ref_batch=local_batch if config.reference == "sharded"
                           else global_batch, test_batch=local_batch, forward_fn=forward_fn, rank=rank, world=world,
                           sliced=config.reference != "sharded")
     return report
+
+
+def _wrapped_blocks(model: nn.Module) -> list[str]:
+    # ckpt_wrapper's wrappers, and PyTorch's (which hold the block as a child).
+    return [clean_name(name) for name, m in model.named_modules()
+            if isinstance(m, ActivationWrapper) or "_checkpoint_wrapped_module" in m._modules]
+
+
+def _recomputes(model: nn.Module) -> int:
+    states = [wrap_state(m) for m in model.modules() if isinstance(m, ActivationWrapper)]
+    foreign = any("_checkpoint_wrapped_module" in m._modules for m in model.modules())
+    # PyTorch's wrappers keep no count: trust them to recompute.
+    return sum(state.recomputes for state in states if state is not None) + (1 if foreign else 0)
+
+
+def _checkpoints(model: nn.Module) -> bool:
+    # Offload and cheap recompute do not run the block again; checkpointing does.
+    return any(isinstance(m, CheckpointWrapper) for m in model.modules())
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Buffers are never sharded (FSDP1, FSDP2 and DDP keep them whole on every rank).
+    return {clean_name(name): b.detach().float().clone() for name, b in model.named_buffers() if b is not None}
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor of the optimizer's state by ``PARAM_FQN:KEY``, full (gathered) on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))["state"]
+    return {f"{clean_name(str(fqn))}:{key}": _full(value) for fqn, values in state.items()
+            for key, value in values.items() if isinstance(value, torch.Tensor)}
 
 
 def _concat(parts: list[Batch]) -> Batch:
