@@ -10,13 +10,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ckpt_wrapper.budget import Budget, parse_budget
 from ckpt_wrapper.planner.strategy import Strategy, as_strategies
 from ckpt_wrapper.selection import BlockSelector
 
@@ -30,8 +30,9 @@ CostModel = Literal["time", "flops", "flops+overhead"]
 class PlanOptions:
     """What ``plan`` was asked for; invalid values are refused on construction."""
 
-    memory_budget: float | int
-    """A fraction of the unwrapped activation memory (a number in (0, 1]), or bytes (a number above 1)."""
+    memory_budget: float | int | str | Budget
+    """A fraction of the unwrapped activation memory (a float in (0, 1], ``"50%"``), or bytes (an int, or a
+    text such as ``"6GiB"``): the grammar of ``ckpt_wrapper.budget.parse_budget``."""
     check_fn: BlockSelector | Callable[[nn.Module], bool] | None = None
     """Which modules are blocks; default the children of the model's largest ``ModuleList``."""
     strategies: tuple[Strategy, ...] | None = None
@@ -44,11 +45,7 @@ class PlanOptions:
     """Timing rounds (strategies are timed interleaved, round by round, and the median kept)."""
 
     def __post_init__(self) -> None:
-        budget = self.memory_budget
-        if (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                or not math.isfinite(budget) or budget <= 0):
-            raise ValueError(f"memory_budget must be a fraction in (0, 1] or a number of bytes > 1, got {budget!r}; "
-                             "pass e.g. memory_budget=0.5 (half the unwrapped activations) or 6 * 2**30 (bytes)")
+        object.__setattr__(self, "memory_budget", parse_budget(self.memory_budget, name="memory_budget"))
         if self.check_fn is not None and not callable(self.check_fn):
             raise TypeError(f"check_fn must be a selector or a callable module -> bool, got "
                             f"{type(self.check_fn).__name__}; pass e.g. ckpt_wrapper.by_class_name('Block')")
@@ -63,9 +60,7 @@ class PlanOptions:
 
     def budget_bytes(self, unwrapped_bytes: int) -> int:
         """The budget in bytes, given the unwrapped model's activation bytes."""
-        if self.memory_budget <= 1:
-            return int(self.memory_budget * unwrapped_bytes)
-        return int(self.memory_budget)
+        return self.memory_budget.resolve(unwrapped_bytes)
 
     def cost_model(self, device: torch.device) -> CostModel:
         """``cost`` with ``auto`` resolved: ``time`` on CUDA, ``flops+overhead`` elsewhere."""

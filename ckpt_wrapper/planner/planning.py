@@ -36,7 +36,7 @@ def plan(
     model: nn.Module,
     example_batch: Any,
     *,
-    memory_budget: float | int,
+    memory_budget: float | int | str,
     check_fn: BlockSelector | Callable[[nn.Module], bool] | None = None,
     strategies: Sequence[Strategy | str] | None = None,
     measure: Literal["held", "saved"] = "held",
@@ -52,8 +52,8 @@ def plan(
     Args:
         model: the unwrapped model, on the device it trains on.
         example_batch: what the model is called with: a tensor, a tuple (positional) or a dict (keywords).
-        memory_budget: a fraction of the unwrapped activation memory (a number in (0, 1]), or bytes
-            (a number above 1).
+        memory_budget: a fraction of the unwrapped activation memory (a float in (0, 1], or ``"50%"``),
+            or bytes (an int, or a text such as ``"6GiB"``); see ``ckpt_wrapper.budget``.
         check_fn: which modules are blocks (a selector or ``module -> bool``); default: the children of
             the model's largest ``ModuleList``.
         strategies: restrict the candidates, as ``Strategy`` values or their text forms (default

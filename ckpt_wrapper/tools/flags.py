@@ -39,6 +39,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ckpt_wrapper.budget import Budget, parse_budget
 from ckpt_wrapper.distributed import DTYPES
 from ckpt_wrapper.testing.recipes import SHARD_KINDS, ShardRecipe
 
@@ -197,6 +198,14 @@ def add_training_flags(parser: argparse.ArgumentParser, *, steps: int, batch: in
     if seed is not None:
         group.add_argument("--seed", type=int, default=seed,
                            help=f"seed of the weights and the data, the same on every rank (default: {seed})")
+
+
+def budget_arg(text: str) -> Budget:
+    """argparse ``type=`` for a memory budget, in ``ckpt_wrapper.budget``'s grammar."""
+    try:
+        return parse_budget(text, name="--memory-budget")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:

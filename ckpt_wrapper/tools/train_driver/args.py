@@ -14,6 +14,7 @@ import argparse
 import os
 import pathlib
 
+from ckpt_wrapper.budget import parse_budget
 from ckpt_wrapper.testing.recipes import SHARD_KINDS
 from ckpt_wrapper.tools import flags
 
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wrap every N-th block only (default: 1, all); --every 2 wraps blocks 0, 2, ...")
     ac.add_argument("--selective-preset", default="matmuls",
                     help="preset of --ac selective (ckpt_wrapper.selective.PRESETS) (default: matmuls)")
-    ac.add_argument("--memory-budget", type=float, default=0.5,
-                    help="--ac plan: activation memory budget, a fraction of the unwrapped model's (0, 1] "
-                         "or bytes (> 1) (default: 0.5)")
+    ac.add_argument("--memory-budget", type=flags.budget_arg, default=parse_budget(0.5),
+                    help="--ac plan: activation memory budget: a fraction of the unwrapped model's in (0, 1] "
+                         "('0.5', '50%%') or bytes ('6GiB', '800MB', '123456') (default: 0.5)")
     ac.add_argument("--offload-cpu-copy", action="store_true",
                     help="offload modes on CPU: copy into separate host buffers anyway (frees nothing; "
                          "exercises the offload path without a GPU)")

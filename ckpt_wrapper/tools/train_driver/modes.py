@@ -25,6 +25,7 @@ import ckpt_wrapper
 from ckpt_wrapper import (
     OffloadOptions, apply_activation_checkpointing, by_class_name, checkpoint_wrapper, every_nth, offload_wrapper,
 )
+from ckpt_wrapper.budget import Budget
 from ckpt_wrapper.testing.data import counting_batch
 from ckpt_wrapper.testing.models import GPT, GPTConfig
 
@@ -127,19 +128,9 @@ def selective_checkpointing(model: nn.Module, selector: Any, preset: str) -> lis
     return apply(model, check_fn=selector, **{keyword: preset})
 
 
-def plan_checkpointing(model: nn.Module, selector: Any, example: torch.Tensor, budget: float, rank: int) -> list[str]:
-    """``--ac plan``: the planner's per-block choice within ``budget``; rank 0 prints the plan.
-
-    Raises:
-        ValueError: where this ckpt_wrapper has no planner.
-    """
-    planner = getattr(ckpt_wrapper, "plan", None)
-    planner = getattr(planner, "plan", planner) if inspect.ismodule(planner) else planner
-    if not callable(planner):
-        raise _not_available("plan")
-    budget_arg: float | int = int(budget) if budget > 1 else budget
-    kwargs = {"check_fn": selector} if "check_fn" in inspect.signature(planner).parameters else {}
-    chosen = planner(model, example, memory_budget=budget_arg, **kwargs)
+def plan_checkpointing(model: nn.Module, selector: Any, example: torch.Tensor, budget: Budget, rank: int) -> list[str]:
+    """``--ac plan``: the planner's per-block choice within ``budget``; rank 0 prints the plan."""
+    chosen = ckpt_wrapper.plan(model, example, memory_budget=budget, check_fn=selector)
     if rank == 0:
         print(chosen, flush=True)
     return list(chosen.apply(model))
