@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ckpt_wrapper.testing.data import lm_loss
 from ckpt_wrapper.testing.recipes import ShardRecipe, clean_name, shard_model
 
 __all__ = ["ParityConfig", "ParityReport", "check_parity", "default_loss"]
@@ -127,9 +128,9 @@ class ParityReport:
 
 
 def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last dimension for integer targets, mean squared error otherwise."""
+    """``lm_loss`` (cross-entropy over the last dimension) for integer targets, mean squared error otherwise."""
     if not targets.is_floating_point():
-        return F.cross_entropy(output.flatten(0, -2).float(), targets.flatten())
+        return lm_loss(output, targets)
     return F.mse_loss(output.float(), targets.float())
 
 
