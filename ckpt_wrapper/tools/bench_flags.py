@@ -20,7 +20,10 @@ from typing import Any
 from ckpt_wrapper.distributed import DTYPES
 from ckpt_wrapper.tools.benchkit import MALLOC_ENV, PRESETS
 
-__all__ = ["add_model_arguments", "add_reexec_argument", "add_run_arguments", "check_run_arguments", "comma_separated"]
+__all__ = [
+    "add_model_arguments", "add_reexec_argument", "add_run_arguments", "check_run_arguments", "comma_separated",
+    "script_parser",
+]
 
 
 def comma_separated(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -40,6 +43,21 @@ def comma_separated(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ..
                 f"expected comma-separated {kind.__name__} values, got {text!r}") from None
 
     return parse
+
+
+def script_parser(description: str, *, rounds: int = 20, warmup: int = 3) -> argparse.ArgumentParser:
+    """A benchmark script's parser with the shared flags: run, model (with ``--preset``) and ``--no-reexec``.
+
+    Example:
+        >>> from ckpt_wrapper.tools.bench_flags import script_parser
+        >>> script_parser("demo").parse_args(["--rounds", "2", "--no-reexec"]).rounds
+        2
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(parser, rounds=rounds, warmup=warmup)
+    add_model_arguments(parser)
+    add_reexec_argument(parser)
+    return parser
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup: int, steps: bool = True) -> None:

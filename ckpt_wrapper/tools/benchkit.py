@@ -47,7 +47,7 @@ from ckpt_wrapper.testing.data import lm_loss, random_batch
 __all__ = [
     "MALLOC_ENV", "MODEL_FIELDS", "PRESETS", "Run", "Timing", "check_device", "command_line", "cpu_model_name",
     "environment", "heading", "make_batch", "make_logger", "malloc_env_set", "malloc_note", "markdown_table", "model_config",
-    "model_line", "prepare_run", "quartiles", "run_rounds", "timed", "train_step", "write_json",
+    "model_line", "prepare_run", "quartiles", "rounds_sentence", "run_rounds", "timed", "train_step", "write_json",
 ]
 
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
@@ -381,6 +381,12 @@ def model_line(report: Mapping[str, Any]) -> str:
     model = report["model"]
     return (f"Model `{model['preset']}`: {model['n_layer']} blocks, width {model['d_model']}, {model['n_head']} heads, "
             f"sequence {model['seq_len']}, vocabulary {model['vocab_size']}, batch {model['batch']}.")
+
+
+def rounds_sentence(report: Mapping[str, Any]) -> str:
+    """How the scripts' figures were taken: ``N rounds (median) after W warm-up, S step(s) per round``."""
+    return (f"{report['rounds']} rounds (median) after {report['warmup']} warm-up, "
+            f"{report['steps_per_round']} step(s) per round")
 
 
 def malloc_note(report: Mapping[str, Any]) -> str:

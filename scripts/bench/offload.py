@@ -66,13 +66,10 @@ _log = benchkit.make_logger("offload")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Step time, peak memory and bytes moved of ckpt_wrapper's offload against PyTorch's "
+    parser = bench_flags.script_parser(
+        "Step time, peak memory and bytes moved of ckpt_wrapper's offload against PyTorch's "
         "offload_wrapper, checkpointing and no checkpointing, interleaved in one process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench_flags.add_run_arguments(parser, rounds=20, warmup=3)
-    bench_flags.add_model_arguments(parser)
     parser.add_argument(
         "--configs", default=",".join(GROUPS),
         help=f"comma-separated configuration groups to run besides 'none' (always run): {', '.join(GROUPS)}",
@@ -112,7 +109,6 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-memory", action="store_true",
         help="CPU: skip held_after_forward (four extra forwards per configuration)",
     )
-    bench_flags.add_reexec_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/offload.json"), help="JSON results file")
     args = parser.parse_args(argv)
     bench_flags.check_run_arguments(parser, args)

@@ -186,8 +186,7 @@ def markdown(report: dict[str, Any], cuda: bool) -> str:
     results = report["results"]
     lines = [
         benchkit.heading("Offload", report), "",
-        f"{benchkit.model_line(report)} {report['rounds']} rounds (median) after {report['warmup']} warm-up, "
-        f"{report['steps_per_round']} step(s) per round. Offload options: `{report['offload_options']}`"
+        f"{benchkit.model_line(report)} {benchkit.rounds_sentence(report)}. Offload options: `{report['offload_options']}`"
         + benchkit.malloc_note(report), "",
     ]
     if not cuda:

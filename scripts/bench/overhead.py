@@ -63,13 +63,10 @@ _REFERENCES = ("none", "functional", "torch_wrapper")  # the configurations rati
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Step time and memory of ckpt_wrapper against functional checkpoint and "
+    parser = bench_flags.script_parser(
+        "Step time and memory of ckpt_wrapper against functional checkpoint and "
         "PyTorch's checkpoint_wrapper, interleaved in one process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench_flags.add_run_arguments(parser, rounds=20, warmup=3)
-    bench_flags.add_model_arguments(parser)
     parser.add_argument(
         "--quiet-factor", type=float, default=1.25,
         help="a round is 'quiet' when every configuration ran within this factor of its own fastest round; "
@@ -78,7 +75,6 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip held_after_forward (saves four extra forwards per config)"
     )
-    bench_flags.add_reexec_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/overhead.json"), help="JSON results file")
     args = parser.parse_args(argv)
     bench_flags.check_run_arguments(parser, args)
@@ -246,8 +242,7 @@ def _markdown(report: dict, cuda: bool) -> str:
     results = report["results"]
     lines = [
         benchkit.heading("Wrapper overhead", report), "",
-        f"{benchkit.model_line(report)} {report['rounds']} rounds (median) after {report['warmup']} warm-up, "
-        f"{report['steps_per_round']} step(s) per round" + benchkit.malloc_note(report), "",
+        f"{benchkit.model_line(report)} {benchkit.rounds_sentence(report)}" + benchkit.malloc_note(report), "",
     ]
     headers = ["configuration", "step ms (median)", "IQR ms", "min ms", "/ none", "/ functional", "/ torch_wrapper",
                "held after fwd MiB", *(["peak above start MiB", "peak / torch_wrapper"] if cuda else [])]
