@@ -113,20 +113,20 @@ def configurations(n_layer: int, hand_k: Sequence[int], *, cuda: bool) -> list[B
     configs = [
         BenchConfig("none", "baseline", "no checkpointing", lambda m: None),
         BenchConfig("ckpt_full", "ckpt_wrapper", "apply_activation_checkpointing on every block",
-                lambda m: ckpt_wrapper.apply_activation_checkpointing(m, check_fn=_is_block)),
+                    lambda m: ckpt_wrapper.apply_activation_checkpointing(m, check_fn=_is_block)),
         BenchConfig("torch_full", "pytorch", "PyTorch checkpoint_wrapper on every block",
-                lambda m: torch_ac.apply_activation_checkpointing(
-                    m, checkpoint_wrapper_fn=torch_ac.checkpoint_wrapper, check_fn=_is_block)),
+                    lambda m: torch_ac.apply_activation_checkpointing(
+                        m, checkpoint_wrapper_fn=torch_ac.checkpoint_wrapper, check_fn=_is_block)),
     ]
     for preset, saves in (("matmuls", "matmuls and attention"), ("titan", "attention, every second matmul")):
         configs += [
             BenchConfig(f"ckpt_sac_{preset}", "ckpt_wrapper", f"selective_context_fn({preset!r}) on every block ({saves})",
-                    functools.partial(_ckpt_sac, preset=preset)),
+                        functools.partial(_ckpt_sac, preset=preset)),
             BenchConfig(f"torch_sac_{preset}", "pytorch", f"PyTorch selective checkpointing saving {saves}",
-                    functools.partial(_torch_wrap_blocks, indices=every, preset=preset)),
+                        functools.partial(_torch_wrap_blocks, indices=every, preset=preset)),
         ]
     configs.append(BenchConfig("ckpt_cheap", "ckpt_wrapper", "cheap_recompute_wrapper on every block",
-                           lambda m: [ckpt_wrapper.cheap_recompute_wrapper(b) for b in m.layers]))
+                               lambda m: [ckpt_wrapper.cheap_recompute_wrapper(b) for b in m.layers]))
     for k in hand_k:
         for rest in (None, "matmuls", "titan"):
             name = f"torch_first{k}" + (f"+sac_{rest}" if rest else "")
@@ -137,11 +137,11 @@ def configurations(n_layer: int, hand_k: Sequence[int], *, cuda: bool) -> list[B
     if cuda:
         configs += [
             BenchConfig("ckpt_offload", "ckpt_wrapper", "offload_wrapper on every block",
-                    lambda m: ckpt_wrapper.apply_activation_checkpointing(
-                        m, checkpoint_wrapper_fn=ckpt_wrapper.offload_wrapper, check_fn=_is_block)),
+                        lambda m: ckpt_wrapper.apply_activation_checkpointing(
+                            m, checkpoint_wrapper_fn=ckpt_wrapper.offload_wrapper, check_fn=_is_block)),
             BenchConfig("torch_offload", "pytorch", "PyTorch offload_wrapper (save_on_cpu, pinned) on every block",
-                    lambda m: torch_ac.apply_activation_checkpointing(
-                        m, checkpoint_wrapper_fn=torch_ac.offload_wrapper, check_fn=_is_block)),
+                        lambda m: torch_ac.apply_activation_checkpointing(
+                            m, checkpoint_wrapper_fn=torch_ac.offload_wrapper, check_fn=_is_block)),
         ]
     return configs
 

@@ -76,7 +76,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, rounds: int, warmup: i
 def add_model_arguments(parser: argparse.ArgumentParser, *, preset: bool = True) -> None:
     """Flags that choose the model: ``--preset`` (with ``preset``), ``--reference``, overrides, batch, seed."""
     if preset:
-        parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+        parser.add_argument("--preset", choices=list(PRESETS), default=None,
                             help="model shape: 'small' (8 blocks, width 256, 4 heads, sequence 128, vocabulary 2000), "
                                  "'cpu-reference' (models.CPU_REFERENCE), 'gpu-reference' (models.GPU_REFERENCE); "
                                  "default small on CPU, gpu-reference on CUDA")
