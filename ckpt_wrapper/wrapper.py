@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from ckpt_wrapper.offload_engine import OffloadEngine, OffloadOptions
 from ckpt_wrapper.reentrant import reentrant_checkpoint

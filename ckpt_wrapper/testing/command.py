@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
 from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.testing.data import random_batch
 from ckpt_wrapper.testing.recipes import ShardRecipe
 from ckpt_wrapper.offload import offload_wrapper
 from ckpt_wrapper.wrapper import checkpoint_wrapper
@@ -68,12 +69,6 @@ def _load(spec: str) -> Callable[..., Any]:
     if not callable(target):
         raise ValueError(f"{spec!r} is not callable")
     return target
-
-
-def _builtin_batch(step: int, *, batch: int, seq_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator)
-    return tokens[:, :-1], tokens[:, 1:]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +134,9 @@ def run(options: ParityOptions) -> int:
             gpt = GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32, vocab_size=256)
             model_fn: Callable[[], torch.nn.Module] = functools.partial(GPT, gpt)
             batch_fn = options.batch and _load(options.batch)
-            batch_fn = batch_fn or functools.partial(_builtin_batch, batch=2 * dist.get_world_size(), seq_len=gpt.seq_len, vocab=gpt.vocab_size)
+            rows = 2 * dist.get_world_size()
+            batch_fn = batch_fn or (lambda step: random_batch(step=step, rows=rows, seq_len=gpt.seq_len,
+                                                              vocab_size=gpt.vocab_size))
         else:
             model_fn = _load(options.model)
             if options.batch is None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ckpt_wrapper.testing.data import lm_loss
+
 __all__ = ["GPTConfig", "GPT", "Block", "CausalSelfAttention", "MLP", "CPU_REFERENCE", "GPU_REFERENCE"]
 
 
@@ -122,6 +124,5 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``tokens`` against ``targets``."""
-        logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        """Mean next-token cross-entropy (``lm_loss``) of ``tokens`` against ``targets``."""
+        return lm_loss(self(tokens), targets)

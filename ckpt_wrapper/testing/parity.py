@@ -145,7 +145,7 @@ class ParityReport:
 
 
 def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last dimension for integer targets, mean squared error otherwise."""
+    """``lm_loss`` (cross-entropy over the last dimension) for integer targets, mean squared error otherwise."""
     if not targets.is_floating_point():
         return lm_loss(output, targets)
     return F.mse_loss(output.float(), targets.float())

@@ -6,12 +6,14 @@ Run it as one process or under torchrun (gloo on CPU, NCCL on GPUs; the backend 
     torchrun --nproc_per_node 2 -m ckpt_wrapper demo           # two ranks on this machine
     NPROC=2 scripts/launch/run.sh --steps 10                   # the same through the launch script
 
-Every rank builds the same seed-initialised ``ckpt_wrapper.testing.models.GPT``, wraps each ``Block`` with
+The proof is the public parity harness, ``ckpt_wrapper.testing.check_parity``: every rank builds the
+same seed-initialised ``ckpt_wrapper.testing.models.GPT``, wraps each ``Block`` with
 ``apply_activation_checkpointing`` and then applies ``fully_shard`` to each block and the root (AC
-before sharding, as torchtitan does). Each rank trains on its own slice of a seeded global batch.
-Rank 0 also trains an unwrapped, unsharded copy on the whole global batch and, every step, compares
-the losses and the gathered FSDP2 gradients with it; any mismatch makes every rank exit with status 1.
-At the end rank 0 prints how much activation memory checkpointing saved on an unsharded copy.
+before sharding, as torchtitan does), and trains on its own slice of a seeded global batch beside an
+unwrapped, unsharded copy that sees the whole batch. Every step the harness compares losses, outputs,
+the gathered FSDP2 gradients and the parameters after the optimizer step; any difference beyond
+tolerance on any rank makes every rank exit with status 1. At the end rank 0 prints how much activation
+memory checkpointing saved on an unsharded copy.
 """
 
 from __future__ import annotations
@@ -20,24 +22,28 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
 
 # The public API, imported the way users would.
 from ckpt_wrapper import CheckpointWrapper, apply_activation_checkpointing, by_class_name
 from ckpt_wrapper.distributed import default_device, init_distributed
 from ckpt_wrapper.measure import SavedBytes, held_after_forward
+from ckpt_wrapper.table import format_table
+from ckpt_wrapper.testing import ParityConfig, ParityReport, check_parity
+from ckpt_wrapper.testing.data import counting_batch, lm_loss
 from ckpt_wrapper.testing.models import GPT, GPTConfig
+from ckpt_wrapper.testing.recipes import ShardRecipe
 from ckpt_wrapper.tools import flags
+from ckpt_wrapper.tools.benchkit import check_device
 
-__all__ = ["DemoOptions", "GradientReport", "add_arguments", "compare_gradients", "options_from_args", "run"]
+__all__ = ["DemoOptions", "add_arguments", "options_from_args", "run", "verdict"]
 
 _MiB = 2**20
 # Long enough for a slow first NCCL/gloo rendezvous, short enough that a lost rank does not hang CI.
@@ -62,8 +68,8 @@ class DemoOptions:
     """Sequences per rank per step; the global batch is ``batch * world size``."""
     steps: int = 5
     """Training steps."""
-    lr: float = 3e-3
-    """AdamW learning rate."""
+    lr: float = 0.5
+    """SGD learning rate (the parity harness trains with plain SGD: it does not amplify differences)."""
     seed: int = 0
     """Seed for the weights and the synthetic tokens (the same on every rank)."""
     device: str | None = None
@@ -83,16 +89,7 @@ class DemoOptions:
             )
         self.model_config()  # GPTConfig checks the shape and says what is wrong
         if self.device is not None:
-            try:
-                device = torch.device(self.device)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"device {self.device!r} is not a device ({error}); use cpu, cuda or cuda:N"
-                ) from None
-            if device.type not in ("cpu", "cuda"):
-                raise ValueError(f"device {self.device!r}: the demo runs on cpu or cuda")
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r} asks for CUDA but none is available; use cpu")
+            check_device(self.device, command="the demo")  # says what is wrong with the device
 
     def model_config(self) -> GPTConfig:
         """The ``GPTConfig`` these options describe."""
@@ -100,99 +97,6 @@ class DemoOptions:
             n_layer=self.n_layer, d_model=self.d_model, n_head=self.n_head,
             seq_len=self.seq_len, vocab_size=self.vocab_size,
         )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GradientReport:
-    """The outcome of ``compare_gradients``."""
-
-    matched: bool
-    """Whether every expected gradient is present and within tolerance."""
-    max_abs_diff: float
-    """Largest absolute difference over all parameters (``inf`` if a gradient is missing)."""
-    worst: str | None
-    """The parameter furthest outside tolerance (or, when all match, the one with the largest difference)."""
-    worst_abs_diff: float
-    """Largest absolute difference within ``worst``."""
-    mismatched: tuple[str, ...]
-    """Every parameter that failed, in the order given."""
-    detail: str
-    """``torch.testing.assert_close``'s explanation for ``worst`` when it failed, else ``""``."""
-
-
-def compare_gradients(
-    actual: Mapping[str, torch.Tensor | None],
-    expected: Mapping[str, torch.Tensor | None],
-    *,
-    rtol: float,
-    atol: float,
-) -> GradientReport:
-    """Compare gradients by parameter name with ``torch.testing.assert_close`` and find the worst one.
-
-    Each parameter passes or fails by ``assert_close``. Among those that fail, the worst is the one
-    whose difference most exceeds ``atol + rtol * |expected|`` (ties: the larger absolute difference);
-    a missing gradient, an unexpected one or a shape mismatch is worst of all.
-
-    Args:
-        actual: gradients under test (full tensors, not shards), keyed by parameter name.
-        expected: the reference gradients, keyed the same way.
-        rtol: relative tolerance.
-        atol: absolute tolerance.
-
-    Returns:
-        A ``GradientReport``.
-
-    Example:
-        >>> import torch
-        >>> from ckpt_wrapper.tools.demo import compare_gradients
-        >>> ref = {"a": torch.ones(3), "b": torch.zeros(2)}
-        >>> got = {"a": torch.ones(3), "b": torch.tensor([0.0, 0.5])}
-        >>> report = compare_gradients(got, ref, rtol=1e-5, atol=1e-6)
-        >>> report.matched, report.worst, report.worst_abs_diff
-        (False, 'b', 0.5)
-    """
-    inf = float("inf")
-    names = list(expected) + [name for name in actual if name not in expected]
-    max_abs = 0.0
-    worst: tuple[tuple[bool, float, float], str, float, str] | None = None  # (rank key, name, abs diff, detail)
-    mismatched: list[str] = []
-    for name in names:
-        got, want = actual.get(name), expected.get(name)
-        if got is None or want is None or got.shape != want.shape:
-            abs_diff, excess = inf, inf
-            message = f"gradient of {name!r}: got {_describe(got)}, expected {_describe(want)}"
-        else:
-            # float64 so the ranking itself adds no rounding to differences near float32's epsilon.
-            got64, want64 = got.detach().double(), want.detach().double()
-            diff = torch.nan_to_num((got64 - want64).abs(), nan=inf)
-            # Elements that agree exactly score 0 even at zero tolerance (0 / 0 would be nan).
-            excess_map = torch.where(diff == 0, 0.0, diff / (atol + rtol * want64.abs()))
-            abs_diff = float(diff.max()) if diff.numel() else 0.0
-            excess = float(excess_map.max()) if diff.numel() else 0.0
-            try:
-                torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
-                message = ""
-            except AssertionError as error:
-                message = str(error)
-        if message:
-            mismatched.append(name)
-        max_abs = max(max_abs, abs_diff)
-        # A failing parameter always outranks a passing one, whatever their ratios say.
-        key = (bool(message), excess, abs_diff)
-        if worst is None or key > worst[0]:
-            worst = (key, name, abs_diff, message)
-    return GradientReport(
-        matched=not mismatched,
-        max_abs_diff=max_abs,
-        worst=worst[1] if worst else None,
-        worst_abs_diff=worst[2] if worst else 0.0,
-        mismatched=tuple(mismatched),
-        detail=worst[3] if worst else "",
-    )
-
-
-def _describe(tensor: torch.Tensor | None) -> str:
-    return "no gradient" if tensor is None else f"shape {tuple(tensor.shape)}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,32 +118,10 @@ def _init_world(requested_device: str | None) -> _World:
     )
 
 
-def _synthetic_batch(
-    generator: torch.Generator, rows: int, config: GPTConfig, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counting sequences (random start and stride, modulo the vocabulary) and their next tokens.
-
-    Learnable, unlike uniform noise, so the loss visibly falls within a few steps.
-    """
-    start = torch.randint(0, config.vocab_size, (rows, 1), generator=generator)
-    stride = torch.randint(1, 9, (rows, 1), generator=generator)
-    sequences = ((start + stride * torch.arange(config.seq_len + 1)) % config.vocab_size).to(device)
-    return sequences[:, :-1], sequences[:, 1:]
-
-
-def _full_gradients(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    # full_tensor() is a collective: every rank must call it, in the same (named_parameters) order.
-    grads: dict[str, torch.Tensor | None] = {}
-    for name, param in model.named_parameters():
-        grad = param.grad
-        grads[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad
-    return grads
-
-
 def _measure_activations(
     reference: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, device: torch.device
 ) -> tuple[int, int, str]:
-    """Bytes held after forward by an unsharded copy, without and with checkpointing, and the measure used."""
+    """Bytes held after forward by unsharded copies of ``reference``, without and with checkpointing, and how measured."""
     plain = copy.deepcopy(reference)
     checkpointed = copy.deepcopy(reference)
     apply_activation_checkpointing(checkpointed, check_fn=by_class_name("Block"))
@@ -258,8 +140,57 @@ def _measure_activations(
         return figures[0], figures[1], "SavedBytes (autograd saves; misses what checkpoint keeps itself)"
 
 
+def verdict(report: ParityReport, *, parameters: int) -> list[str]:
+    """The demo's claim, read off a parity report: do losses and gradients match the unwrapped model?
+
+    Args:
+        report: this rank's ``check_parity`` report.
+        parameters: how many parameters the model has (the denominator of "k of N parameters").
+
+    Returns:
+        The lines rank 0 prints: one verdict for the losses, one for the gradients, one for outputs and
+        parameters after each step, each followed by what failed (indented).
+
+    Example:
+        >>> from ckpt_wrapper.testing import ParityReport
+        >>> from ckpt_wrapper.tools.demo import verdict
+        >>> report = ParityReport(recipe="fsdp2", reference="unsharded", tolerances=(1e-5, 1e-6),
+        ...                       max_diff={"loss": 0.0, "grad:head.weight": 0.5},
+        ...                       failures=["grad:head.weight: max abs diff 0.5 exceeds rtol=1e-05, atol=1e-06"])
+        >>> print("\\n".join(verdict(report, parameters=1)))
+        losses match the unwrapped model: yes (max abs diff 0.0e+00)
+        gradients match the unwrapped model: NO: worst parameter 'head.weight' (max abs diff 5.0e-01; 1 of 1 parameters outside rtol=1e-05, atol=1e-06)
+            grad:head.weight: max abs diff 0.5 exceeds rtol=1e-05, atol=1e-06
+        outputs and parameters after each step match: yes
+    """
+    rtol, atol = report.tolerances
+
+    def failed(*prefixes: str) -> list[str]:
+        return [f"    {line}" for line in report.failures if line.startswith(prefixes)][:5]
+
+    grads = {key.removeprefix("grad:"): value for key, value in report.max_diff.items() if key.startswith("grad:")}
+    loss_failures, grad_failures = failed("loss"), failed("grad")
+    lines = [f"losses match the unwrapped model: {'NO' if loss_failures else 'yes'} "
+             f"(max abs diff {report.max_diff.get('loss', 0.0):.1e})", *loss_failures]
+    if not report.grads_compared:
+        lines.append("gradients match the unwrapped model: not gathered for this recipe (parameters compared)")
+    elif grad_failures:
+        # A missing gradient has no difference recorded: it counts as the worst of all.
+        bad = {line.split(":", 2)[1] for line in report.failures if line.startswith("grad:")}
+        worst = max(bad, key=lambda name: grads.get(name, float("inf")), default=None)
+        detail = "" if worst is None else (
+            f": worst parameter {worst!r} (max abs diff {grads.get(worst, float('inf')):.1e}; "
+            f"{len(bad)} of {parameters} parameters outside rtol={rtol:g}, atol={atol:g})")
+        lines += [f"gradients match the unwrapped model: NO{detail}", *grad_failures]
+    else:
+        lines.append(f"gradients match the unwrapped model: yes (max abs diff {max(grads.values(), default=0.0):.1e})")
+    other_failures = failed("output", "param", "eval_output")
+    lines += [f"outputs and parameters after each step match: {'NO' if other_failures else 'yes'}", *other_failures]
+    return lines
+
+
 def run(options: DemoOptions) -> int:
-    """Run the demo on this process's rank; return the exit status (0: gradients matched, 1: not).
+    """Run the demo on this process's rank; return the exit status (0: everything matched, 1: not).
 
     Initialises (and at the end destroys) a process group unless one exists: env:// under torchrun,
     an in-memory single-rank group otherwise. Output is printed by rank 0 only.
@@ -268,8 +199,8 @@ def run(options: DemoOptions) -> int:
         options: the model, training and comparison settings.
 
     Returns:
-        ``0`` when losses and gradients matched the unwrapped model at every step, else ``1`` (on
-        every rank).
+        ``0`` when losses, outputs, gradients and parameters matched the unwrapped model at every step
+        on every rank and the blocks stayed checkpointed under ``fully_shard``, else ``1`` (on every rank).
 
     Example:
         >>> import contextlib, io
@@ -282,7 +213,7 @@ def run(options: DemoOptions) -> int:
     """
     world = _init_world(options.device)
     try:
-        status = _train_and_compare(options, world)
+        status = _train_and_check(options, world)
     except BaseException:
         # No barrier here: a rank stuck in a collective would never reach it; torchrun stops the rest.
         if world.owns_group:
@@ -294,138 +225,66 @@ def run(options: DemoOptions) -> int:
     return status
 
 
-def _train_and_compare(options: DemoOptions, world: _World) -> int:
+def _train_and_check(options: DemoOptions, world: _World) -> int:
     log: Callable[[str], None] = (lambda line: print(line, flush=True)) if world.rank == 0 else (lambda line: None)
     config, device = options.model_config(), world.device
-    torch.manual_seed(options.seed)
-    # Built on CPU, then moved: the weights are identical on every rank and every device type.
-    model = GPT(config).to(device)
-    reference = copy.deepcopy(model) if world.rank == 0 else None
-
-    wrapped = apply_activation_checkpointing(model, check_fn=by_class_name("Block"))
-    mesh = init_device_mesh(device.type, (world.size,))
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    still_wrapped = all(isinstance(b, CheckpointWrapper) and isinstance(b, FSDPModule) for b in model.layers)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
-    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=options.lr) if reference is not None else None
-    data = torch.Generator().manual_seed(options.seed + 1)
-    rows = slice(world.rank * options.batch, (world.rank + 1) * options.batch)
-
     log(
         f"ckpt_wrapper demo: GPT {config.n_layer} layers, width {config.d_model}, {config.n_head} heads, "
         f"sequence {config.seq_len}, vocabulary {config.vocab_size}; batch {options.batch} per rank x "
         f"{world.size} rank(s), {options.steps} steps, {world.backend} on {device}"
     )
+    is_block = by_class_name("Block")
+    wrapped: list[str] = []
+    still_wrapped: list[bool] = []
+
+    def forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(model, FSDPModule) and not still_wrapped:  # the checkpointed model, seen once
+            still_wrapped.append(all(isinstance(b, CheckpointWrapper) and isinstance(b, FSDPModule) for b in model.layers))
+        return model(tokens)
+
+    # Every rank draws the same global batch; the harness gives each rank its own rows of it.
+    batch = functools.partial(counting_batch, rows=world.size * options.batch, seq_len=config.seq_len,
+                              vocab_size=config.vocab_size, seed=options.seed)
+    started = time.perf_counter()
+    report = check_parity(
+        functools.partial(GPT, config), lambda step: batch(step=step),
+        wrap=lambda model: wrapped.extend(apply_activation_checkpointing(model, check_fn=is_block)),
+        is_block=is_block, shard=ShardRecipe(kind="fsdp2"), forward_fn=forward, loss_fn=lm_loss,
+        config=ParityConfig(steps=options.steps, lr=options.lr, seed=options.seed, rtol=options.rtol, atol=options.atol),
+        device=device,
+    )
+    elapsed = time.perf_counter() - started
+    ok = report.ok and all(still_wrapped)
+    failed = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(failed)  # every rank exits with one verdict, so launchers see one outcome
     log(f"checkpointed {len(wrapped)} blocks ({', '.join(wrapped)}), then fully_shard on each block and the root")
-
-    reported: tuple[int, GradientReport] | None = None  # the first failing step, else the largest diff
-    loss_failure, max_grad_diff, max_loss_diff, step_times = "", 0.0, 0.0, []
-    for step in range(1, options.steps + 1):
-        # Every rank draws the same global batch and trains on its own rows of it.
-        tokens, targets = _synthetic_batch(data, world.size * options.batch, config, device)
-
-        started = time.perf_counter()
-        loss = model.loss(tokens[rows], targets[rows])
-        loss.backward()
-        _synchronize(device)
-        step_times.append(time.perf_counter() - started)
-        # FSDP2 averages gradients over ranks, so with equal slices they are the gradients of the mean
-        # loss over the global batch: exactly what the reference computes below.
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss)  # SUM: gloo has no AVG
-        global_loss /= world.size
-        grads = _full_gradients(model)
-
-        line = f"step {step}/{options.steps}  loss {global_loss.item():.4f}"
-        if reference is not None and ref_optimizer is not None:
-            ref_loss = reference.loss(tokens, targets)
-            ref_loss.backward()
-            expected = {name: p.grad for name, p in reference.named_parameters()}
-            report = compare_gradients(grads, expected, rtol=options.rtol, atol=options.atol)
-            max_grad_diff = max(max_grad_diff, report.max_abs_diff)
-            if reported is None or (
-                reported[1].matched and (not report.matched or report.max_abs_diff > reported[1].max_abs_diff)
-            ):
-                reported = (step, report)
-            loss_diff = abs(global_loss.item() - ref_loss.item())
-            max_loss_diff = max(max_loss_diff, loss_diff)
-            try:
-                torch.testing.assert_close(global_loss, ref_loss.detach(), rtol=options.rtol, atol=options.atol)
-            except AssertionError as error:
-                loss_failure = loss_failure or f"step {step}: {error}"
-            line += f"  reference {ref_loss.item():.4f}  max |grad diff| {report.max_abs_diff:.1e}"
-            ref_optimizer.step()
-            ref_optimizer.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
-        step_times[-1] += time.perf_counter() - started
-        log(f"{line}  ({step_times[-1]:.2f} s)")
-
-    status = 0
-    if reference is not None and reported is not None:
-        measured = tokens[: options.batch], targets[: options.batch]
-        plain_bytes, ckpt_bytes, how = _measure_activations(reference, *measured, device)
-        _print_summary(log, options, world, wrapped, still_wrapped, step_times, plain_bytes, ckpt_bytes, how)
-        step, report = reported
-        verdict_word = "NO" if loss_failure else "yes"
-        log(f"losses match the unwrapped model: {verdict_word} (max abs diff {max_loss_diff:.1e})")
-        if loss_failure:
-            log(_indent(loss_failure))
-        if report.matched:
-            log(f"gradients match the unwrapped model: yes (max abs diff {max_grad_diff:.1e})")
-        else:
-            log(
-                f"gradients match the unwrapped model: NO, from step {step}: worst parameter {report.worst!r} "
-                f"(max abs diff {report.worst_abs_diff:.1e}; {len(report.mismatched)} of {len(grads)} "
-                f"parameters outside rtol={options.rtol}, atol={options.atol})"
-            )
-            log(_indent(report.detail))
-        if not still_wrapped:
-            log("blocks still checkpointed after fully_shard: NO (fully_shard undid the wrapping)")
-        status = 0 if report.matched and not loss_failure and still_wrapped else 1
-    # Rank 0 alone knows the verdict; every rank exits with it so launchers see one outcome.
-    verdict = torch.tensor([status], device=device)
-    dist.broadcast(verdict, src=0)
-    return int(verdict.item())
-
-
-def _synchronize(device: torch.device) -> None:
-    # CUDA work is asynchronous: without this, the clock would measure only the launches.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _indent(text: str) -> str:
-    return "\n".join(f"    {line}" if line else line for line in text.splitlines())
-
-
-def _print_summary(
-    log: Callable[[str], None], options: DemoOptions, world: _World, wrapped: list[str], still_wrapped: bool,
-    step_times: list[float], plain_bytes: int, ckpt_bytes: int, how: str,
-) -> None:
-    later = sorted(step_times[1:] or step_times)  # the first step pays for warm-up
-    rows = [
-        ("world size", str(world.size)),
-        ("backend", world.backend),
-        ("device", str(world.device)),
-        ("blocks wrapped", f"{len(wrapped)} of {options.n_layer}; still checkpointed under fully_shard: "
-                           f"{'yes' if still_wrapped else 'NO'}"),
-        ("step time (median after the first)", f"{later[len(later) // 2]:.3f} s"),
-        ("activations held, no checkpointing", f"{plain_bytes / _MiB:.2f} MiB"),
-        ("activations held, checkpointed", f"{ckpt_bytes / _MiB:.2f} MiB"),
-        ("ratio / saving", f"{ckpt_bytes / plain_bytes if plain_bytes else float('nan'):.3f}x / "
-                           f"{(plain_bytes - ckpt_bytes) / _MiB:.2f} MiB saved"),
-        ("memory measured by", f"{how}, unsharded single-process copy, batch {options.batch}"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    log("summary")
-    for name, value in rows:
-        log(f"  {name:<{width}}  {value}")
+    for step, (ref_loss, loss) in enumerate(report.losses, 1):
+        log(f"step {step}/{options.steps}  loss {loss:.4f}  reference {ref_loss:.4f}")
+    if world.rank == 0:
+        torch.manual_seed(options.seed)
+        tokens, targets = counting_batch(step=0, rows=options.batch, seq_len=config.seq_len,
+                                         vocab_size=config.vocab_size, seed=options.seed, device=device)
+        plain_bytes, ckpt_bytes, how = _measure_activations(GPT(config).to(device), tokens, targets, device)
+        rows = [
+            ("world size", world.size), ("backend", world.backend), ("device", device),
+            ("blocks wrapped", f"{len(wrapped)} of {options.n_layer}; still checkpointed under fully_shard: "
+                               f"{'yes' if all(still_wrapped) else 'NO'}"),
+            ("training and comparing", f"{elapsed:.2f} s for {options.steps} steps of both models"),
+            ("activations held, no checkpointing", f"{plain_bytes / _MiB:.2f} MiB"),
+            ("activations held, checkpointed", f"{ckpt_bytes / _MiB:.2f} MiB"),
+            ("ratio / saving", f"{ckpt_bytes / plain_bytes if plain_bytes else float('nan'):.3f}x / "
+                               f"{(plain_bytes - ckpt_bytes) / _MiB:.2f} MiB saved"),
+            ("memory measured by", f"{how}, unsharded single-process copy, batch {options.batch}"),
+        ]
+        log("summary")
+        log(format_table(rows, indent="  "))
+    for line in verdict(report, parameters=sum(1 for _ in GPT(config).parameters())):
+        log(line)
+    if not all(still_wrapped):
+        log("blocks still checkpointed after fully_shard: NO (fully_shard undid the wrapping)")
+    if int(failed) and ok:
+        log(f"{int(failed)} other rank(s) reported differences beyond tolerance")
+    return 1 if int(failed) else 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

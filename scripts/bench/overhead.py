@@ -40,8 +40,6 @@ import dataclasses
 import functools
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +54,19 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.utils.checkpoint import checkpoint
 
 import ckpt_wrapper
-from ckpt_wrapper.testing import models
 from ckpt_wrapper.measure import held_after_forward
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when loaded by path rather than run
-import _common  # noqa: E402
+from ckpt_wrapper.testing import models
+from ckpt_wrapper.tools import bench_flags, benchkit
 
 CONFIGS = ("none", "functional", "torch_wrapper", "ckpt_wrapper")
 _REFERENCES = ("none", "functional", "torch_wrapper")  # the configurations ratios are taken against
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Step time and memory of ckpt_wrapper against functional checkpoint and "
+    parser = bench_flags.script_parser(
+        "Step time and memory of ckpt_wrapper against functional checkpoint and "
         "PyTorch's checkpoint_wrapper, interleaved in one process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _common.add_run_arguments(parser, rounds=20, warmup=3)
-    _common.add_model_arguments(parser)
     parser.add_argument(
         "--quiet-factor", type=float, default=1.25,
         help="a round is 'quiet' when every configuration ran within this factor of its own fastest round; "
@@ -82,14 +75,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip held_after_forward (saves four extra forwards per config)"
     )
-    _common.add_reexec_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-results/overhead.json"), help="JSON results file")
     args = parser.parse_args(argv)
-    _common.check_run_arguments(parser, args)
+    bench_flags.check_run_arguments(parser, args)
     return args
 
 
-_log = _common.make_logger("overhead")
+_log = benchkit.make_logger("overhead")
 
 
 class FunctionalCheckpointGPT(models.GPT):
@@ -124,46 +116,22 @@ def _build_models(
     return {"none": base, "functional": functional, "torch_wrapper": torch_wrapped, "ckpt_wrapper": ours}
 
 
-def _run_rounds(
-    steps: dict[str, Callable[[], Any]], args: argparse.Namespace, device: torch.device
-) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """Warm-up, then timed rounds; every round runs each configuration once, in a rotated order."""
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    peaks: dict[str, list[int]] = {name: [] for name in CONFIGS}
-    began = time.perf_counter()
-    for index in range(args.warmup + args.rounds):
-        # Rotate the order each round so no configuration always follows the same one.
-        order = CONFIGS[index % len(CONFIGS):] + CONFIGS[: index % len(CONFIGS)]
-        this_round: dict[str, float] = {}
-        for name in order:
-            this_round[name], peak = _common.timed(steps[name], args.steps, device)
-            if index >= args.warmup:
-                times[name].append(this_round[name])
-                if peak is not None:
-                    peaks[name].append(peak)
-        warm = index < args.warmup
-        label = f"warm-up {index + 1}/{args.warmup}" if warm else f"round {index - args.warmup + 1}/{args.rounds}"
-        _log(
-            f"{label} ({time.perf_counter() - began:.0f} s): "
-            + ", ".join(f"{name} {this_round[name] * 1e3:.1f} ms" for name in CONFIGS)
-        )
-    return times, peaks
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    run = _common.prepare_run(args, _log)  # on CPU without the malloc settings, re-executes and does not return
+    # On CPU without the malloc settings this re-executes the script and does not return.
+    run = benchkit.prepare_run(args.device, dtype=args.dtype, threads=args.threads, reexec=not args.no_reexec, log=_log)
     device, cuda, dtype = run.device, run.cuda, run.dtype
-    preset, config = _common.model_config(args, cuda)
+    preset, config = benchkit.model_config(args.preset, reference=args.reference, cuda=cuda,
+                                           overrides={field: getattr(args, field) for field in benchkit.MODEL_FIELDS})
 
-    environment = _common.environment(run)
+    environment = benchkit.environment(device)
     device_name = environment["device_name"]
     _log(f"{device} ({device_name}), torch {torch.__version__}, {environment['threads']} threads, {dtype}")
     _log(f"model {preset}: {config}, batch {args.batch}")
 
     built = _build_models(config, device, dtype, args.seed)
-    inputs, targets = _common.make_batch(config, args.batch, args.seed, device)
-    steps = {name: functools.partial(_common.step, model, inputs, targets) for name, model in built.items()}
+    inputs, targets = benchkit.make_batch(config, args.batch, args.seed, device)
+    steps = {name: functools.partial(benchkit.train_step, model, inputs, targets) for name, model in built.items()}
 
     # Identical weights and inputs must give identical losses; a broken harness shows here.
     losses = {name: step().item() for name, step in steps.items()}
@@ -171,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     if max(losses.values()) - min(losses.values()) > 1e-3 * max(1.0, abs(losses["none"])):
         raise RuntimeError(f"configurations disagree on the loss ({losses}); the comparison would be meaningless")
 
-    times, peaks = _run_rounds(steps, args, device)
+    samples = benchkit.run_rounds(CONFIGS, lambda name: benchkit.timed(steps[name], device, args.steps),
+                                  warmup=args.warmup, rounds=args.rounds, log=_log)
+    times = {name: [s.seconds for s in rows] for name, rows in samples.items()}
+    peaks = {name: [s.peak_bytes for s in rows if s.peak_bytes is not None] for name, rows in samples.items()}
 
     held: dict[str, int | None] = {name: None for name in CONFIGS}
     if not args.no_memory:
@@ -182,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     results = _summarize(times, peaks, held, args.quiet_factor)
     report = {
         "benchmark": "wrapper overhead",
-        "command": _common.command_line(),
+        "command": benchkit.command_line(),
         "environment": environment,
         "model": {"preset": preset, **dataclasses.asdict(config), "batch": args.batch, "dtype": str(dtype)},
         "rounds": args.rounds,
@@ -195,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": _goals(results, cuda),
     }
     print(_markdown(report, cuda))
-    _common.write_json(args.out, report)
+    benchkit.write_json(args.out, report)
     _log(f"wrote {args.out}")
     return 0
 
@@ -206,7 +177,7 @@ def _summarize(
     medians = {name: statistics.median(values) for name, values in times.items()}
     configs: dict[str, dict[str, Any]] = {}
     for name in CONFIGS:
-        q1, q3 = _common.quartiles(times[name])
+        q1, q3 = benchkit.quartiles(times[name])
         entry: dict[str, Any] = {
             "median_s": medians[name],
             "q1_s": q1,
@@ -227,7 +198,7 @@ def _summarize(
     pairs = (("ckpt_wrapper", "functional"), ("ckpt_wrapper", "torch_wrapper"), ("torch_wrapper", "functional"))
     for name, other in pairs:
         ratios = [a / b for a, b in zip(times[name], times[other])]
-        q1, q3 = _common.quartiles(ratios)
+        q1, q3 = benchkit.quartiles(ratios)
         paired[f"{name}/{other}"] = {"median": statistics.median(ratios), "q1": q1, "q3": q3}
     # Other processes on a shared machine slow whichever configuration happens to run then; rounds where
     # every configuration ran near its own best are the ones that compare wrappers rather than load.
@@ -268,39 +239,25 @@ def _goals(results: dict, cuda: bool) -> dict[str, Any]:
 
 
 def _markdown(report: dict, cuda: bool) -> str:
-    env, model, results = report["environment"], report["model"], report["results"]
+    results = report["results"]
     lines = [
-        f"### Wrapper overhead: {env['device']} ({env['device_name']}), torch {env['torch']}, "
-        f"{env['threads']} threads, {model['dtype'].removeprefix('torch.')}",
-        "",
-        f"Model `{model['preset']}`: {model['n_layer']} blocks, width {model['d_model']}, {model['n_head']} heads, "
-        f"sequence {model['seq_len']}, vocabulary {model['vocab_size']}, batch {model['batch']}. "
-        f"{report['rounds']} rounds (median) after {report['warmup']} warm-up, {report['steps_per_round']} "
-        f"step(s) per round"
-        + ("." if cuda else f"; malloc env {'set' if env['malloc_env_set'] else 'NOT set'}."),
-        "",
+        benchkit.heading("Wrapper overhead", report), "",
+        f"{benchkit.model_line(report)} {benchkit.rounds_sentence(report)}" + benchkit.malloc_note(report), "",
     ]
-    header = (
-        "| configuration | step ms (median) | IQR ms | min ms | / none | / functional | / torch_wrapper "
-        "| held after fwd MiB |"
-    )
-    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    if cuda:
-        header += " peak above start MiB | peak / torch_wrapper |"
-        rule += " ---: | ---: |"
-    lines += [header, rule]
+    headers = ["configuration", "step ms (median)", "IQR ms", "min ms", "/ none", "/ functional", "/ torch_wrapper",
+               "held after fwd MiB", *(["peak above start MiB", "peak / torch_wrapper"] if cuda else [])]
+    rows = []
     for name in CONFIGS:
         entry = results[name]
         held = entry["held_after_forward_bytes"]
-        row = (
-            f"| {name} | {entry['median_s'] * 1e3:.2f} | {entry['q1_s'] * 1e3:.2f}-{entry['q3_s'] * 1e3:.2f} | "
-            f"{entry['min_s'] * 1e3:.2f} | "
-            f"{entry['ratio']['none']:.3f} | {entry['ratio']['functional']:.3f} | "
-            f"{entry['ratio']['torch_wrapper']:.3f} | {'-' if held is None else f'{held / 2**20:.1f}'} |"
-        )
-        if cuda:
-            row += f" {entry['peak_above_start_bytes'] / 2**20:.1f} | {entry['peak_ratio']['torch_wrapper']:.4f} |"
-        lines.append(row)
+        rows.append([
+            name, f"{entry['median_s'] * 1e3:.2f}", f"{entry['q1_s'] * 1e3:.2f}-{entry['q3_s'] * 1e3:.2f}",
+            f"{entry['min_s'] * 1e3:.2f}", *(f"{entry['ratio'][other]:.3f}" for other in _REFERENCES),
+            "-" if held is None else f"{held / 2**20:.1f}",
+            *([f"{entry['peak_above_start_bytes'] / 2**20:.1f}", f"{entry['peak_ratio']['torch_wrapper']:.4f}"]
+              if cuda else []),
+        ])
+    lines += benchkit.markdown_table(headers, rows, align="l" + "r" * (len(headers) - 1))
     lines.append("")
     lines.append(
         "Per-round paired ratios (median, IQR): "

@@ -1,7 +1,8 @@
-"""The demo trains under torchrun with checkpointing and FSDP2, and its gradient check catches mismatches.
+"""The demo trains under torchrun with checkpointing and FSDP2, and says so only when nothing differed.
 
 The multi-rank test launches ``python -m torch.distributed.run`` as a subprocess (2 ranks, gloo on
-CPU); the comparison itself is tested in-process with gradients known to differ.
+CPU). The comparison is the parity harness's (``ckpt_wrapper.testing.check_parity``, tested in
+test_parity.py); here the demo's reading of its report is tested in-process with reports that differ.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from ckpt_wrapper.tools.demo import compare_gradients
+from ckpt_wrapper.testing import ParityReport
+from ckpt_wrapper.tools.demo import verdict
 from pool import torchrun
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,69 +66,53 @@ def test_single_process_demo_runs_without_torchrun() -> None:
     assert "gradients match the unwrapped model: yes" in result.stdout, _explain(result)
 
 
-def _gradients(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "tok_emb.weight": torch.randn(16, 8, generator=generator),
-        "layers.0.attn.qkv.weight": torch.randn(24, 8, generator=generator),
-        "layers.1.mlp.fc.weight": torch.randn(32, 8, generator=generator),
-        "head.weight": torch.randn(16, 8, generator=generator),
-    }
+def _report(max_diff: dict[str, float], failures: list[str]) -> ParityReport:
+    return ParityReport(recipe="fsdp2", reference="unsharded", tolerances=(1e-5, 1e-6), max_diff=max_diff,
+                        failures=failures)
 
 
 @pytest.mark.timeout(60)
-def test_comparison_accepts_identical_gradients() -> None:
-    """Equal gradients match with zero difference; a failure would make the demo cry wolf."""
-    report = compare_gradients(_gradients(), _gradients(), rtol=1e-5, atol=1e-6)
-    assert report.matched and report.mismatched == () and report.max_abs_diff == 0.0
+def test_verdict_says_yes_when_nothing_differed() -> None:
+    """A clean report gives three "yes" lines with the largest differences; a failure would make the demo cry wolf."""
+    lines = verdict(_report({"loss": 1e-7, "grad:head.weight": 2e-8, "grad:tok_emb.weight": 3e-9}, []), parameters=2)
+    assert lines == [
+        "losses match the unwrapped model: yes (max abs diff 1.0e-07)",
+        "gradients match the unwrapped model: yes (max abs diff 2.0e-08)",
+        "outputs and parameters after each step match: yes",
+    ]
 
 
 @pytest.mark.timeout(60)
-def test_comparison_names_the_worst_parameter() -> None:
-    """Of several wrong gradients, the one furthest outside tolerance is reported, with its difference.
+def test_verdict_names_the_worst_gradient_and_counts_the_failing_ones() -> None:
+    """Of several wrong gradients the largest difference is named, and each failing parameter counted once.
 
-    A failure means the demo would point users at the wrong parameter, or miss a mismatch.
+    A failure means the demo would point users at the wrong parameter, or pass with mismatched gradients.
     """
-    expected = _gradients()
-    actual = {name: grad.clone() for name, grad in expected.items()}
-    actual["layers.0.attn.qkv.weight"][3, 4] += 1e-4  # just outside tolerance
-    actual["layers.1.mlp.fc.weight"][0, 0] += 0.5  # far outside: the worst
-    actual["head.weight"] *= 1 + 1e-7  # float32 noise: within tolerance
-    report = compare_gradients(actual, expected, rtol=1e-5, atol=1e-6)
-    assert not report.matched
-    assert report.worst == "layers.1.mlp.fc.weight"
-    assert report.mismatched == ("layers.0.attn.qkv.weight", "layers.1.mlp.fc.weight")
-    assert report.worst_abs_diff == pytest.approx(0.5, rel=1e-6)
-    assert "layers.1.mlp.fc.weight" in report.detail
+    report = _report(
+        {"loss": 0.0, "grad:layers.0.attn.qkv.weight": 1e-4, "grad:layers.1.mlp.fc.weight": 0.5, "grad:head.weight": 1e-9},
+        ["grad:layers.0.attn.qkv.weight: max abs diff 0.0001 exceeds rtol=1e-05, atol=1e-06",
+         "grad:layers.1.mlp.fc.weight: max abs diff 0.5 exceeds rtol=1e-05, atol=1e-06",
+         "grad:layers.1.mlp.fc.weight: max abs diff 0.4 exceeds rtol=1e-05, atol=1e-06"],
+    )
+    lines = verdict(report, parameters=3)
+    assert lines[0].startswith("losses match the unwrapped model: yes")
+    assert lines[1] == ("gradients match the unwrapped model: NO: worst parameter 'layers.1.mlp.fc.weight' "
+                        "(max abs diff 5.0e-01; 2 of 3 parameters outside rtol=1e-05, atol=1e-06)")
+    assert "    grad:layers.1.mlp.fc.weight: max abs diff 0.5 exceeds rtol=1e-05, atol=1e-06" in lines
 
 
 @pytest.mark.timeout(60)
-def test_comparison_catches_averaging_mistake() -> None:
-    """Gradients summed over 2 ranks instead of averaged (a classic) are caught.
+def test_verdict_reports_loss_and_parameter_failures() -> None:
+    """A loss, a missing gradient or a parameter drifting after the step each turn their line to NO.
 
-    A failure means a demo that forgot FSDP2's averaging, or a sharding setup that sums, would pass.
+    A failure means a demo whose losses differ, or whose wrapping renamed a parameter, would still say yes.
     """
-    expected = _gradients()
-    summed = {name: 2 * grad for name, grad in expected.items()}
-    report = compare_gradients(summed, expected, rtol=1e-5, atol=1e-6)
-    assert not report.matched and set(report.mismatched) == set(expected)
-
-
-@pytest.mark.timeout(60)
-def test_comparison_reports_missing_and_renamed_gradients() -> None:
-    """A missing gradient or a renamed parameter (a wrapper prefix, say) is a mismatch, reported by name.
-
-    A failure means names changed by wrapping would slip past the check.
-    """
-    expected = _gradients()
-    actual: dict[str, torch.Tensor | None] = dict(expected)
-    actual["layers.0.attn.qkv.weight"] = None
-    actual["layers.1._checkpoint_wrapped_module.mlp.fc.weight"] = actual.pop("layers.1.mlp.fc.weight")
-    report = compare_gradients(actual, expected, rtol=1e-5, atol=1e-6)
-    assert not report.matched
-    assert set(report.mismatched) == {
-        "layers.0.attn.qkv.weight",
-        "layers.1.mlp.fc.weight",
-        "layers.1._checkpoint_wrapped_module.mlp.fc.weight",
-    }
-    assert "no gradient" in report.detail
+    report = _report({"loss": 0.1}, [
+        "loss: max abs diff 0.1 exceeds rtol=1e-05, atol=1e-06",
+        "grad names differ: only in reference ['layers.1.mlp.fc.weight'], only in checkpointed []",
+        "param:head.weight: max abs diff 0.01 exceeds rtol=1e-05, atol=1e-06",
+    ])
+    text = "\n".join(verdict(report, parameters=3))
+    assert "losses match the unwrapped model: NO (max abs diff 1.0e-01)" in text
+    assert "gradients match the unwrapped model: NO" in text and "grad names differ" in text
+    assert "outputs and parameters after each step match: NO" in text and "param:head.weight" in text

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from ckpt_wrapper.tools import cli
+from ckpt_wrapper.tools import benchkit, cli
 from ckpt_wrapper.tools.bench import BenchOptions, run
 
 _TINY = ["--device", "cpu", "--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "16",
@@ -68,3 +68,27 @@ def test_bench_configs_filter_and_errors(tmp_path) -> None:
                              threads=1, configs=("nope",), out_dir=str(tmp_path)))
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         cli.main(["bench", "--device", "cpu", "--budgets", "1.5"])
+
+
+def test_round_robin_rotates_and_drops_warmup() -> None:
+    """Every round measures each configuration once, starting one later each round; warm-up is not kept.
+
+    A failure means one configuration always runs after the same other one (and inherits its cache and
+    allocator state), or warm-up samples leak into the medians.
+    """
+    calls: list[str] = []
+    counter = iter(range(100))
+
+    def measure(name: str) -> benchkit.Timing:
+        calls.append(name)
+        return benchkit.Timing(seconds=float(next(counter)))
+
+    samples = benchkit.run_rounds(["a", "b", "c"], measure, warmup=1, rounds=3, log=lambda line: None)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert [s.seconds for s in samples["a"]] == [5.0, 7.0, 9.0]  # warm-up call 0 dropped
+
+
+def test_markdown_table_rejects_ragged_rows() -> None:
+    """A row with a missing cell is an error naming the expected count, not a shifted table."""
+    with pytest.raises(ValueError, match="every row needs 2 cells"):
+        benchkit.markdown_table(["name", "ms"], [["none"]])
