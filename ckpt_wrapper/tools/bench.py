@@ -1,7 +1,7 @@
 """``ckpt-wrapper bench``: step time against activation memory, for every way to checkpoint one model.
 
     ckpt-wrapper bench                                   # CPU: a small GPT, a few minutes on 2 cores
-    ckpt-wrapper bench --reference --rounds 12           # the CPU reference workload (DESIGN.md)
+    ckpt-wrapper bench --reference --rounds 12           # the CPU reference workload (docs/benchmarks.md)
     ckpt-wrapper bench --device cuda                     # the GPU reference workload, bf16
     ckpt-wrapper bench --configs 'none,torch_*,plan_*' --budgets 0.5,0.3
 
@@ -22,7 +22,7 @@ checkpointing in the same run:
 Memory: CPU, ``held_after_forward`` of the forward (glibc ``mallinfo2``); CUDA, the peak allocated
 during a step above what was allocated before it, and held after forward. On CPU the command
 re-executes itself with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` and uses 2 threads
-(DESIGN.md, "Measuring"). Writes ``bench.md``, ``bench.json``, ``pareto.png`` (with matplotlib) and
+(docs/benchmarks.md, "How figures are measured"). Writes ``bench.md``, ``bench.json``, ``pareto.png`` (with matplotlib) and
 each plan's JSON to ``--out-dir``; the table also goes to stdout, progress to stderr.
 """
 

@@ -27,7 +27,7 @@ from ckpt_wrapper.tools.bench_configs import BenchConfig
 
 __all__ = ["GOALS", "PREDICTION_TOLERANCE", "Measurements", "goals", "markdown", "plot", "summarize"]
 
-# Goals per device: budget -> the most step time a plan may take there (DESIGN.md's CPU bar; the issue's GPU goals).
+# Goals per device: budget -> the most step time a plan may take there (docs/benchmarks.md, "The planner's bar", and the GPU goals).
 GOALS = {"cpu": {0.5: 1.05, 0.3: 1.10, 0.1: 1.15}, "cuda": {0.5: 1.05, 0.35: 1.10}}
 PREDICTION_TOLERANCE = 0.10
 _MiB = 2**20
@@ -137,7 +137,7 @@ def summarize(measured: Measurements) -> dict[str, Any]:
 
 
 def goals(plans: dict[str, dict[str, Any]], cuda: bool) -> list[dict[str, Any]]:
-    """The issue's and DESIGN.md's bar, judged on this run: ``met`` is None where nothing was measured."""
+    """The planner's bar (docs/benchmarks.md), judged on this run: ``met`` is None where nothing was measured."""
     goals = []
     for budget, limit in GOALS["cuda" if cuda else "cpu"].items():
         row = plans.get(f"plan_{budget:g}")

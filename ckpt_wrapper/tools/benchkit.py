@@ -1,6 +1,6 @@
 """The one benchmark toolkit: ``ckpt-wrapper bench`` and ``scripts/bench/*.py`` all measure through it.
 
-DESIGN.md ("Measuring") fixes how figures are taken, so every benchmark takes them the same way:
+docs/benchmarks.md ("How figures are measured") fixes how figures are taken, so every benchmark takes them the same way:
 
 - CPU: glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` set before Python starts
   (``prepare_run`` re-executes the command with them), 2 threads, ``time.perf_counter``;
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-"""glibc's malloc settings from DESIGN.md; glibc reads them at start-up, so they are set by re-executing."""
+"""glibc's malloc settings (docs/benchmarks.md, "How figures are measured"); glibc reads them at start-up, so they are set by re-executing."""
 PRESETS = {
     "small": models.GPTConfig(n_layer=8, d_model=256, n_head=4, seq_len=128, vocab_size=2000),
     "cpu-reference": models.CPU_REFERENCE,
@@ -65,7 +65,7 @@ MODEL_FIELDS = ("n_layer", "d_model", "n_head", "seq_len", "vocab_size")
 # --- the process: malloc settings, device, dtype, threads, environment ------------------------------
 
 def malloc_env_set() -> bool:
-    """Whether glibc's malloc settings from DESIGN.md ("Measuring") are in this process's environment."""
+    """Whether glibc's malloc settings (docs/benchmarks.md, "How figures are measured") are in this process's environment."""
     return all(os.environ.get(key) == value for key, value in MALLOC_ENV.items())
 
 

@@ -25,7 +25,7 @@ taken: ``offload_measure``.
 On CPU the script runs ckpt_wrapper's offload with ``cpu_copy=True`` (copies into separate host buffers)
 so the copy path is exercised: its figures measure bookkeeping plus memcpy, not GPU overlap, and judge
 none of the goals. It re-executes itself with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``
-when they are not set, and uses 2 threads (DESIGN.md, "Measuring").
+when they are not set, and uses 2 threads (docs/benchmarks.md, "How figures are measured").
 Usage:
     # GPU reference workload (models.GPU_REFERENCE, batch 4, bf16), the default on a CUDA machine:
     python scripts/bench/offload.py --rounds 20 --warmup 3 --out bench-results/offload-gpu.json

@@ -9,7 +9,7 @@ It is the fastest a step could be if every copy ran at link speed and hid entire
 its own phase, given that forward's copies out cannot overlap backward's copies in (backward first
 needs the last block's tensors, the last to be copied out). The figure is ``offload`` step / bound.
 
-Goals judged on CUDA, on the GPU reference workload (issue; DESIGN.md, "Measuring"):
+Goals judged on CUDA, on the GPU reference workload (docs/benchmarks.md, "Reference workloads"):
 - ``offload`` at least 2x faster than ``torch_offload`` at equal or lower peak, and within 15% of the
   transfer bound (``offload`` / bound <= 1.15);
 - some ``offload_first_N`` at most 1.03x ``none`` while its peak drops by the bytes it offloads
@@ -29,7 +29,7 @@ from ckpt_wrapper.tools import benchkit
 __all__ = ["bound", "goals", "markdown", "summarize"]
 
 _MiB = 2**20
-# The issue's goals; judged on CUDA only.
+# The offload goals; judged on CUDA only.
 _GOAL_SPEEDUP_VS_TORCH = 2.0
 _GOAL_BOUND_RATIO = 1.15
 _GOAL_FIRST_N_TIME = 1.03

@@ -16,7 +16,7 @@ step (``torch.cuda.max_memory_allocated`` after a reset, above what was allocate
 Also reported: per-round paired ratios, and ratios over "quiet" rounds only (every configuration
 within ``--quiet-factor`` of its fastest), because on a shared machine other processes' load lands
 on whichever configuration happens to be running.
-Goals (DESIGN.md, "Measuring"): CPU, ckpt_wrapper / functional <= 1.02; GPU, on the reference
+Goals (docs/benchmarks.md, "How figures are measured"): CPU, ckpt_wrapper / functional <= 1.02; GPU, on the reference
 workload, ckpt_wrapper / torch_wrapper <= 1.01 in step time and peak memory equal within 1%.
 
 On CPU the script re-executes itself with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``

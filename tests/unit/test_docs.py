@@ -64,3 +64,13 @@ def test_links_stay_inside_the_repository_and_resolve(page: pathlib.Path) -> Non
         elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             broken.append(target)
     assert not broken, f"{page.name} has broken links: {broken}"
+
+
+def test_no_project_file_points_outside_the_repository() -> None:
+    """Code, scripts and configuration name no file that only exists outside the repository (the
+    guides it was written from): what a reader needs is in docs/. A failure names the files."""
+    this = pathlib.Path(__file__).resolve()
+    sources = [p for pattern in ("ckpt_wrapper/**/*.py", "scripts/**/*", "tests/**/*.py", "*.toml", "Makefile", ".ci/*")
+               for p in ROOT.glob(pattern) if p.is_file() and p.resolve() != this]
+    offending = sorted(str(p.relative_to(ROOT)) for p in sources if OUTSIDE.search(p.read_text(errors="ignore")))
+    assert not offending, f"these files point outside the repository: {offending}"
