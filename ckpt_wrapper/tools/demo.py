@@ -54,16 +54,8 @@ _PG_TIMEOUT = datetime.timedelta(minutes=5)
 class DemoOptions:
     """What the demo trains and how strictly it compares."""
 
-    n_layer: int = 4
-    """Transformer blocks in the model."""
-    d_model: int = 128
-    """Hidden width."""
-    n_head: int = 4
-    """Attention heads; must divide ``d_model``."""
-    seq_len: int = 64
-    """Tokens per sequence."""
-    vocab_size: int = 512
-    """Vocabulary size."""
+    model: GPTConfig = GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=64, vocab_size=512)
+    """The GPT to train (a small one: the demo runs on two CPU processes in seconds)."""
     batch: int = 4
     """Sequences per rank per step; the global batch is ``batch * world size``."""
     steps: int = 5
@@ -87,16 +79,9 @@ class DemoOptions:
             raise ValueError(
                 f"lr must be > 0 and rtol, atol >= 0; got lr={self.lr}, rtol={self.rtol}, atol={self.atol}"
             )
-        self.model_config()  # GPTConfig checks the shape and says what is wrong
         if self.device is not None:
             check_device(self.device, command="the demo")  # says what is wrong with the device
 
-    def model_config(self) -> GPTConfig:
-        """The ``GPTConfig`` these options describe."""
-        return GPTConfig(
-            n_layer=self.n_layer, d_model=self.d_model, n_head=self.n_head,
-            seq_len=self.seq_len, vocab_size=self.vocab_size,
-        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -205,7 +190,9 @@ def run(options: DemoOptions) -> int:
     Example:
         >>> import contextlib, io
         >>> from ckpt_wrapper.tools.demo import DemoOptions, run
-        >>> options = DemoOptions(n_layer=1, d_model=16, n_head=2, seq_len=8, vocab_size=32, batch=2, steps=1)
+        >>> from ckpt_wrapper.testing.models import GPTConfig
+        >>> model = GPTConfig(n_layer=1, d_model=16, n_head=2, seq_len=8, vocab_size=32)
+        >>> options = DemoOptions(model=model, batch=2, steps=1)
         >>> with contextlib.redirect_stdout(io.StringIO()) as out:
         ...     status = run(options)
         >>> status, "gradients match the unwrapped model: yes" in out.getvalue()
@@ -227,7 +214,7 @@ def run(options: DemoOptions) -> int:
 
 def _train_and_check(options: DemoOptions, world: _World) -> int:
     log: Callable[[str], None] = (lambda line: print(line, flush=True)) if world.rank == 0 else (lambda line: None)
-    config, device = options.model_config(), world.device
+    config, device = options.model, world.device
     log(
         f"ckpt_wrapper demo: GPT {config.n_layer} layers, width {config.d_model}, {config.n_head} heads, "
         f"sequence {config.seq_len}, vocabulary {config.vocab_size}; batch {options.batch} per rank x "
@@ -267,7 +254,7 @@ def _train_and_check(options: DemoOptions, world: _World) -> int:
         plain_bytes, ckpt_bytes, how = _measure_activations(GPT(config).to(device), tokens, targets, device)
         rows = [
             ("world size", world.size), ("backend", world.backend), ("device", device),
-            ("blocks wrapped", f"{len(wrapped)} of {options.n_layer}; still checkpointed under fully_shard: "
+            ("blocks wrapped", f"{len(wrapped)} of {options.model.n_layer}; still checkpointed under fully_shard: "
                                f"{'yes' if all(still_wrapped) else 'NO'}"),
             ("training and comparing", f"{elapsed:.2f} s for {options.steps} steps of both models"),
             ("activations held, no checkpointing", f"{plain_bytes / _MiB:.2f} MiB"),
@@ -301,8 +288,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         2
     """
     defaults = DemoOptions()
-    flags.add_model_flags(parser, n_layer=defaults.n_layer, d_model=defaults.d_model, n_head=defaults.n_head,
-                          seq_len=defaults.seq_len, vocab_size=defaults.vocab_size)
+    shape = defaults.model
+    flags.add_model_flags(parser, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head,
+                          seq_len=shape.seq_len, vocab_size=shape.vocab_size)
     flags.add_training_flags(parser, steps=defaults.steps, batch=defaults.batch, lr=defaults.lr, seed=defaults.seed)
     flags.add_tolerance_flags(parser, rtol=defaults.rtol, atol=defaults.atol)
     flags.add_device_flag(parser)
@@ -314,5 +302,7 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
     Raises:
         ValueError: if the flags describe no valid run (say, ``--n-head`` not dividing ``--d-model``).
     """
-    fields = {field.name for field in dataclasses.fields(DemoOptions)}
-    return DemoOptions(**{name: value for name, value in vars(args).items() if name in fields})
+    given = vars(args)
+    model = GPTConfig(**{f.name: given[f.name] for f in dataclasses.fields(GPTConfig) if f.name in given})
+    fields = {field.name for field in dataclasses.fields(DemoOptions)} - {"model"}
+    return DemoOptions(model=model, **{name: value for name, value in given.items() if name in fields})
