@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import itertools
 import warnings
@@ -284,6 +285,15 @@ class OffloadEngine:
         self._in_flight: collections.deque[Any] = collections.deque()
         self._last_frame: Any = None
         self._said_no_accelerator = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Options and counters travel; the pool, streams and frames of a step in progress are this
+        # process's working state (weak references, pinned buffers), rebuilt empty on the other side.
+        return {"options": self.options, "stats": copy.copy(self.stats)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["options"])  # type: ignore[misc]
+        self.stats = state["stats"]
 
     def active_for(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Whether offloading this call could free anything; says once per engine when it cannot.
