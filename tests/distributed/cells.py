@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ckpt_wrapper import apply_activation_checkpointing, by_class_name, offload_wrapper
+from ckpt_wrapper import CheckpointImpl, apply_activation_checkpointing, by_class_name, checkpoint_wrapper, offload_wrapper
 from ckpt_wrapper.testing.recipes import ShardRecipe
 from ckpt_wrapper.testing.models import GPT, Block, GPTConfig
 from ckpt_wrapper.testing import ParityConfig, check_parity
@@ -31,6 +31,9 @@ def wrap_fn(kind: str):
             model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block))
     if kind == "checkpoint":
         return lambda model: apply_activation_checkpointing(model, check_fn=BLOCK)
+    if kind == "reentrant":
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT)
+        return lambda model: apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=BLOCK)
     if kind == "offload":
         wrapper = functools.partial(offload_wrapper, cpu_copy=True, min_bytes=0)
         return lambda model: apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=BLOCK)
@@ -75,6 +78,15 @@ def parity_cell(recipe: dict[str, Any], wrap: str = "checkpoint", config: dict[s
         config=ParityConfig(**(config or {})),
     )
     return report.ok, str(report)
+
+
+def failing_parity_cell(recipe: dict[str, Any], wrap: str) -> str:
+    """A parity cell expected to raise: the error's message and notes (every rank raises alike)."""
+    try:
+        parity_cell(recipe, wrap)
+    except RuntimeError as error:
+        return "\n".join([str(error), *getattr(error, "__notes__", [])])
+    return "no error"
 
 
 def _fsdp2_model(base: GPT, wrap: str | None) -> GPT:

@@ -98,6 +98,17 @@ def test_dropout_is_bitwise_equal_with_rng_preservation(pool2, recipe, wrap):
     _assert_cell(pool2, recipe, wrap, {"reference": "sharded"}, model={"dropout": 0.1})
 
 
+def test_ddp_find_unused_with_reentrant_names_the_block_and_the_fix(pool2):
+    """REENTRANT under DDP(find_unused_parameters=True) marks parameters ready twice (a PyTorch limit): the
+    error names the block and the fix on every rank. Caught on the main of 2026-12-01: PyTorch's message
+    alone, which names neither. Without find_unused_parameters the same wrapping trains bitwise."""
+    for rank, message in enumerate(pool2.run(cells.failing_parity_cell, {"kind": "ddp", "find_unused_parameters": True},
+                                             "reentrant")):
+        assert "ready only once" in message and "(Block) uses CheckpointImpl.REENTRANT" in message, f"rank {rank}: {message}"
+        assert "NO_REENTRANT" in message and "static_graph=True" in message
+    _assert_cell(pool2, {"kind": "ddp"}, "reentrant", {"reference": "sharded"})
+
+
 def test_harness_catches_lost_gradients(pool2):
     """The harness is able to fail: PyTorch's reentrant wrapper with frozen embeddings loses the blocks'
     gradients, and the report must say so."""
