@@ -373,22 +373,3 @@ def test_train_demo_and_parity_speak_one_flag_vocabulary(capsys: pytest.CaptureF
         assert f"note: {spelling} is deprecated" in notes, notes
     assert recipe_from_args(driver.parse_args(["--no-reshard"])).reshard_after_forward is False
     assert driver.parse_args(["--parallel", "fsdp"]).parallel == "fsdp1"
-
-
-def test_modes_from_a_newer_release_say_they_are_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--ac selective`` and ``--ac plan`` fail clearly where ckpt_wrapper lacks them, naming the version.
-
-    A failure means a missing feature surfaces as an AttributeError deep in a rank's traceback.
-    """
-    import torch
-
-    import ckpt_wrapper
-    from ckpt_wrapper.tools.train_driver.modes import plan_checkpointing, selective_checkpointing
-
-    monkeypatch.setattr(ckpt_wrapper, "plan", None, raising=False)
-    monkeypatch.setitem(sys.modules, "ckpt_wrapper.selective", None)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="--ac plan is not available in this version"):
-        plan_checkpointing(model, None, torch.zeros(1), 0.5, rank=0)
-    with pytest.raises(ValueError, match="--ac selective is not available in this version"):
-        selective_checkpointing(model, None, "matmuls")

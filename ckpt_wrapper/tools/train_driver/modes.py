@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +21,8 @@ from torch import nn
 
 import ckpt_wrapper
 from ckpt_wrapper import (
-    OffloadOptions, apply_activation_checkpointing, by_class_name, checkpoint_wrapper, every_nth, offload_wrapper,
+    OffloadOptions, apply_activation_checkpointing, apply_selective_checkpointing, by_class_name, checkpoint_wrapper,
+    every_nth, offload_wrapper,
 )
 from ckpt_wrapper.budget import Budget
 from ckpt_wrapper.testing.data import counting_batch
@@ -108,24 +107,9 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def _not_available(what: str) -> ValueError:
-    return ValueError(f"--ac {what} is not available in this version of ckpt_wrapper "
-                      f"({ckpt_wrapper.__version__}); use --ac full, offload or full+offload")
-
-
 def selective_checkpointing(model: nn.Module, selector: Any, preset: str) -> list[str]:
-    """``--ac selective``: op-level checkpointing of the selected blocks with ``preset``.
-
-    Raises:
-        ValueError: where this ckpt_wrapper has no selective checkpointing.
-    """
-    try:
-        apply = importlib.import_module("ckpt_wrapper.selective").apply_selective_checkpointing
-    except (ImportError, AttributeError):
-        raise _not_available("selective") from None
-    # The preset's keyword is `preset` in the planned API; accept the module's current spelling too.
-    keyword = "preset" if "preset" in inspect.signature(apply).parameters else "policy"
-    return apply(model, check_fn=selector, **{keyword: preset})
+    """``--ac selective``: op-level checkpointing of the selected blocks with ``preset``."""
+    return apply_selective_checkpointing(model, check_fn=selector, policy=preset)
 
 
 def plan_checkpointing(model: nn.Module, selector: Any, example: torch.Tensor, budget: Budget, rank: int) -> list[str]:
