@@ -23,6 +23,7 @@ from torch import nn
 
 from ckpt_wrapper.apply import WrapJob, wrap_blocks
 from ckpt_wrapper.offload import OffloadEngine
+from ckpt_wrapper.table import format_table
 from ckpt_wrapper.planner.strategy import Strategy, as_strategy
 
 __all__ = ["Plan", "PlanEntry"]
@@ -137,12 +138,10 @@ class Plan:
         mib = 2**20
         unit = "GFLOP" if self.cost_unit == "flops" else "ms"
         scale = 1e-9 if self.cost_unit == "flops" else 1e3
-        width = max([len(e.name) for e in self.entries] + [5])
-        lines = [f"{'block':<{width}}  {'strategy':<24} {'MiB held':>9} {'extra ' + unit:>12}"]
-        for e in self.entries:
-            lines.append(f"{e.name:<{width}}  {e.strategy:<24} {e.bytes / mib:>9.2f} {e.cost * scale:>12.3f}")
+        rows = [[e.name, str(e.strategy), f"{e.bytes / mib:.2f}", f"{e.cost * scale:.3f}"] for e in self.entries]
         total_cost = sum(e.cost for e in self.entries)
-        lines.append(f"{'total':<{width}}  {'':<24} {sum(e.bytes for e in self.entries) / mib:>9.2f} {total_cost * scale:>12.3f}")
+        rows.append(["total", "", f"{sum(e.bytes for e in self.entries) / mib:.2f}", f"{total_cost * scale:.3f}"])
+        lines = [format_table(rows, headers=["block", "strategy", "MiB held", f"extra {unit}"], align="llrr")]
         lines.append(
             f"activation memory: predicted {self.predicted_bytes / mib:.2f} MiB "
             f"({self.predicted_bytes / max(self.unwrapped_bytes, 1):.3f}x of unwrapped {self.unwrapped_bytes / mib:.2f} MiB), "
