@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.measure import held_after_forward, live_bytes_after_forward, step_flops
 from ckpt_wrapper.planner.options import PlanOptions
 from ckpt_wrapper.planner.strategy import Strategy, apply_strategy, block_strategies
@@ -44,6 +45,8 @@ from ckpt_wrapper.selection import BlockSelector
 
 __all__ = ["ModelBaseline", "model_kept", "capture_inputs", "find_blocks", "input_bytes", "measure_model", "profile_block",
            "signature"]
+
+logger = get_logger(__name__)
 
 BlockInputs = tuple[tuple[Any, ...], dict[str, Any]]
 """A block's captured call: (positional arguments, keyword arguments)."""
@@ -234,6 +237,31 @@ def input_bytes(inputs: BlockInputs) -> int:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+def _unsafe(trial: nn.Module, step: Callable[[], Any], reference: list[torch.Tensor | None] | None,
+            device: torch.device) -> list[torch.Tensor | None] | Exception | None:
+    """Run one step of a strategy's trial: the exception it raises, or gradients other than ``none``'s.
+
+    Returns the trial's gradients when there is no reference yet (the ``none`` trial), None when the
+    strategy is safe, else the problem. The RNG is seeded alike for every trial, so dropout draws
+    the same masks; on CPU the comparison is exact, as checkpointing promises.
+    """
+    torch.manual_seed(0)
+    try:
+        step()
+    except Exception as error:  # the strategy cannot run this block (an in-place module under SAC, say)
+        return error
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in trial.parameters()]
+    for p in trial.parameters():
+        p.grad = None
+    if reference is None:
+        return grads
+    if device.type == "cpu" and any(
+        (a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(grads, reference)
+    ):
+        return ValueError("its gradients differ from the unwrapped block's")
+    return None
+
+
 def profile_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, options: PlanOptions,
                   device: torch.device, seconds_per_flop: float) -> dict[Strategy, tuple[int, float]]:
     """Per candidate strategy (``none`` first): (bytes held after forward, extra cost over ``none``).
@@ -245,20 +273,30 @@ def profile_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     fresh = lambda: pytree.tree_map(lambda x: x if isinstance(x, torch.Tensor) else copy.deepcopy(x), (args, kwargs))
     measured: dict[Strategy, tuple[int, float, float]] = {}
     steps: dict[Strategy, Callable[[], Any]] = {}
+    reference: list[torch.Tensor | None] | None = None
     for strategy in names:
         trial = copy.deepcopy(block)
         apply_strategy(trial, strategy)
         forward = lambda trial=trial: (lambda a, k: trial(*a, **k))(*fresh())
-        steps[strategy] = step = lambda forward=forward: scalar_of(forward()).backward()
+        step = lambda forward=forward: scalar_of(forward()).backward()
+        problem = _unsafe(trial, step, reference, device)
+        if isinstance(problem, list):
+            reference = problem  # `none`: the gradients every other strategy must give
+        elif problem is not None:
+            if strategy == Strategy():
+                raise problem
+            logger.info("planner: strategy %s is not proposed for %s: %s", strategy, type(block).__name__, problem)
+            continue
+        steps[strategy] = step
         held = held_bytes(forward, device, options, list(trial.parameters()))
         flops = float(step_flops(step)) if cost != "time" else 0.0
         measured[strategy] = (held, flops, 0.0)
     if cost != "flops":
         # Interleaved rounds, median per strategy: drift and background load hit every strategy alike,
         # where timing one strategy after another attributes them to whichever ran at the wrong moment.
-        samples: dict[Strategy, list[float]] = {name: [] for name in names}
+        samples: dict[Strategy, list[float]] = {name: [] for name in steps}
         for _ in range(options.repeats):
-            for name in names:
+            for name in steps:
                 samples[name].append(least_seconds(steps[name], device, 1))
         measured = {name: (held, flops, statistics.median(samples[name])) for name, (held, flops, _) in measured.items()}
     _, base_flops, base_seconds = measured[Strategy()]

@@ -832,3 +832,34 @@ def test_plan_leaves_the_model_as_it_was() -> None:
     assert all(b is buffers[n] for n, b in model.named_buffers())
     assert [m.training for m in model] == [True, False, True]
     assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+class _InPlaceELUBlock(nn.Module):
+    """An in-place ELU right after a matmul: selective checkpointing cannot run it (see test_inplace.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.fc1, self.act, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 32), nn.ELU(inplace=True), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.ln(x))))
+
+
+def test_the_planner_never_proposes_a_strategy_that_fails_or_changes_gradients() -> None:
+    """Each strategy is tried for one step on a copy of the block first: one that raises (selective
+    checkpointing over an in-place ELU) or whose gradients differ from the unwrapped block's is left out,
+    and the plan applies and trains. Caught on the main of 2026-12-01: profiling crashed the whole plan.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_InPlaceELUBlock() for _ in range(3)])
+    x = torch.randn(8, 16)
+    plan = ckpt_wrapper.plan(model, x, memory_budget=0.3, check_fn=by_class(_InPlaceELUBlock), **DETERMINISTIC)
+    profiled = {strategy for table in plan.profile.values() for strategy in table}
+    assert "none" in profiled and "full" in profiled
+    assert not any(s.startswith("sac:") for s in profiled), profiled
+    reference = copy.deepcopy(model)
+    plan.apply(model)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
