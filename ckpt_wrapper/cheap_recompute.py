@@ -251,3 +251,6 @@ def cheap_recompute_wrapper(module: nn.Module, *, modules: Iterable[str] | None 
         )
     install(CheapRecomputeWrapper, module, options=CheapOptions(modules=tuple(names)))
     return module  # type: ignore[return-value]
+
+
+CheapRecomputeWrapper.__ckpt_wrap__ = staticmethod(cheap_recompute_wrapper)  # type: ignore[assignment]

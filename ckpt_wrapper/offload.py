@@ -129,3 +129,6 @@ def offload_wrapper(module: nn.Module, *, engine: OffloadEngine | None = None, *
     chosen, made_here = _engine_for(engine, options)
     install(OffloadWrapper, module, engine=chosen, engine_mergeable=made_here)
     return module  # type: ignore[return-value]
+
+
+OffloadWrapper.__ckpt_wrap__ = staticmethod(offload_wrapper)  # type: ignore[assignment]

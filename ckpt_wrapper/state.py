@@ -72,6 +72,8 @@ class WrapState:
     """Whether the block's own forward is running (a forward or a recompute)."""
     recomputes: int = 0
     """How many times backward ran the block's forward again (a checkpointed block's count)."""
+    constructed: bool = False
+    """Set while ``CheckpointWrapper(module)`` returns the module it wrapped (its ``__init__`` skips)."""
 
 
 # Generated classes, one per (wrapper kind, block class). A memo, not state: the same inputs always
@@ -162,6 +164,18 @@ class ActivationWrapper(nn.Module):
             super().__init_subclass__(**kwargs)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if "__ckpt_original__" not in cls.__dict__:
+            # A wrapper kind itself, called as PyTorch's wrapper classes are: CheckpointWrapper(module,
+            # ...) wraps `module` in place and returns it (its __init__ then does nothing).
+            if not args or not isinstance(args[0], nn.Module) or cls.__ckpt_wrap__ is None:
+                raise TypeError(
+                    f"{cls.__name__}(module, ...) wraps an nn.Module in place and returns it; got "
+                    f"{type(args[0]).__name__ if args else 'no module'}. Or call checkpoint_wrapper(module) / "
+                    "offload_wrapper(module)."
+                )
+            module = cls.__ckpt_wrap__(*args, **kwargs)
+            wrap_state(module).constructed = True
+            return module
         # FSDP2's classes construct their unsharded class instead (`type(block)(...)`, slicing an
         # nn.Sequential); mirror that under the wrapper, which a construction keeps, with defaults.
         target = _construction_target(cls) if args or kwargs else None
@@ -170,6 +184,16 @@ class ActivationWrapper(nn.Module):
         block = object.__new__(target)
         block.__init__(*args, **kwargs)
         return block
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        state = self.__dict__.get(_STATE_KEY)
+        if state is not None and state.constructed:  # CheckpointWrapper(module, ...) just wrapped it
+            state.constructed = False
+            return
+        super().__init__(*args, **kwargs)  # type(block)(...): the block's own __init__
+
+    # The factory behind calling a wrapper kind (``checkpoint_wrapper`` for ``CheckpointWrapper``).
+    __ckpt_wrap__: Callable[..., nn.Module] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state = wrap_state(self)

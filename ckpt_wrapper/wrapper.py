@@ -295,3 +295,12 @@ def checkpoint_wrapper(
     install(CheckpointWrapper, module, options=CheckpointOptions(impl=impl, fn=checkpoint_fn, kwargs=options),
             engine=engine, engine_mergeable=private)
     return module  # type: ignore[return-value]
+
+
+# PyTorch's wrapper classes are called to wrap; so are these: CheckpointWrapper(module, ...).
+CheckpointWrapper.__ckpt_wrap__ = staticmethod(checkpoint_wrapper)  # type: ignore[assignment]
+
+# Names FSDP-era code imports from PyTorch's checkpoint_wrapper module. No name carries the prefix
+# here; code that strips it finds nothing to strip.
+_CHECKPOINT_WRAPPED_MODULE = "_checkpoint_wrapped_module"
+_CHECKPOINT_PREFIX = _CHECKPOINT_WRAPPED_MODULE + "."
