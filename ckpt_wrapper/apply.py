@@ -136,23 +136,41 @@ def _share_engines(modules: Sequence[nn.Module]) -> None:
             state.engine_mergeable = False
 
 
-def _policy_predicate(policy: Any, model: nn.Module) -> Callable[[str, nn.Module], bool]:
-    """Adapt an FSDP auto-wrap policy (callable or ``_Policy`` object) to a (name, module) predicate."""
-    run_policy = getattr(policy, "_run_policy", None)
-    if run_policy is not None and not callable(policy):
-        targets = run_policy(model, ignored_modules=set(), root_kwargs={})
-        return lambda name, module: module in targets
-    if not callable(policy):
+def _policy_selection(policy: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Exactly the modules PyTorch's ``apply_activation_checkpointing`` wraps for an FSDP auto-wrap policy.
+
+    PyTorch's own traversal decides (``_recursive_wrap`` for a callable policy, ``_Policy._run_policy``
+    for a policy object), with a wrapper that only records; modules come inner first, as PyTorch wraps
+    them, the root never.
+    """
+    from torch.distributed.fsdp.wrap import _recursive_wrap
+
+    chosen: list[nn.Module] = []
+    if getattr(policy, "_run_policy", None) is not None and not callable(policy):
+        targets = policy._run_policy(model, ignored_modules=set(), root_kwargs={})
+        chosen = [m for m in _post_order(model) if m in targets]
+    elif callable(policy):
+        def record(module: nn.Module, **_: Any) -> nn.Module:
+            chosen.append(module)
+            return module
+
+        _recursive_wrap(module=model, auto_wrap_policy=policy, wrapper_cls=record, ignored_modules=set(),
+                        ignored_params=set(), only_wrap_children=True)
+    else:
         raise TypeError(
             f"auto_wrap_policy must be an FSDP auto-wrap policy (a callable such as "
             f"functools.partial(transformer_auto_wrap_policy, ...) or a ModuleWrapPolicy); got {policy!r}"
         )
+    names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    unique = list({id(m): m for m in chosen if m is not model}.values())
+    return [(names[id(m)], m) for m in unique]
 
-    def predicate(name: str, module: nn.Module) -> bool:
-        numel = sum(p.numel() for p in module.parameters())
-        return bool(policy(module=module, recurse=False, nonwrapped_numel=numel))
 
-    return predicate
+def _post_order(model: nn.Module) -> list[nn.Module]:
+    def visit(module: nn.Module) -> list[nn.Module]:
+        return [m for child in module.children() for m in visit(child)] + [module]
+
+    return visit(model)
 
 
 def apply_activation_checkpointing(
@@ -197,7 +215,7 @@ def apply_activation_checkpointing(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _refuse_double_checkpointing(model)
     if auto_wrap_policy is not None:
-        chosen = list(walk(model, _policy_predicate(auto_wrap_policy, model)))
+        chosen = _policy_selection(auto_wrap_policy, model)
         described = f"auto_wrap_policy {auto_wrap_policy!r}"
     elif isinstance(check_fn, BlockSelector):
         chosen = check_fn.select(model)

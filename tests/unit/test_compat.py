@@ -71,3 +71,52 @@ def test_calling_a_wrapper_class_without_a_module_is_a_clear_error() -> None:
         CheckpointWrapper(5)
     with pytest.raises(ValueError, match="already wrapped"):
         CheckpointWrapper(CheckpointWrapper(Net()))
+
+
+def _nested() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 100)), nn.Linear(100, 100), nn.ReLU())
+
+
+def _pytorchs_selection(policy) -> list[str]:
+    model = _nested()
+    torch_ac.apply_activation_checkpointing(model, auto_wrap_policy=policy)
+    strip = lambda name: name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
+    return sorted(strip(n) for n, m in model.named_modules() if isinstance(m, torch_ac.CheckpointWrapper))
+
+
+def _policies() -> dict[str, object]:
+    import functools
+
+    from torch.distributed.fsdp.wrap import (CustomPolicy, ModuleWrapPolicy, lambda_auto_wrap_policy,
+                                             size_based_auto_wrap_policy, transformer_auto_wrap_policy)
+
+    return {
+        "ModuleWrapPolicy": ModuleWrapPolicy({nn.Linear}),
+        "transformer_auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={nn.Linear}),
+        "size_based_auto_wrap_policy": functools.partial(size_based_auto_wrap_policy, min_num_params=5000),
+        "lambda_auto_wrap_policy": functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, nn.Sequential)),
+        "lambda nested": functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, (nn.Sequential, nn.Linear))),
+        "CustomPolicy": CustomPolicy(lambda m: isinstance(m, nn.Linear)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_policies()))
+def test_fsdp_policies_select_exactly_what_pytorch_selects(name: str) -> None:
+    """Every FSDP auto-wrap policy PyTorch ships selects the same modules here as in PyTorch's
+    ``apply_activation_checkpointing``, nested ones included, and training gives PyTorch's gradients.
+
+    Caught on the main of 2026-12-01: ``size_based_auto_wrap_policy`` selected ``['0', '1']`` where
+    PyTorch selects ``['0.0', '0.1', '1']``.
+    """
+    policy = _policies()[name]
+    expected = _pytorchs_selection(policy)
+    model = _nested()
+    assert sorted(__import__("ckpt_wrapper").apply_activation_checkpointing(model, auto_wrap_policy=policy)) == expected
+    reference = _nested()
+    torch_ac.apply_activation_checkpointing(reference, auto_wrap_policy=policy)
+    x = torch.randn(3, 100, requires_grad=True)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
