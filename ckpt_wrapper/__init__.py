@@ -15,6 +15,7 @@ Example:
 
 from ckpt_wrapper import log  # noqa: F401  (gives the package logger its NullHandler: silent until configured)
 from ckpt_wrapper.apply import apply_activation_checkpointing, remove_activation_checkpointing
+from ckpt_wrapper.composable import checkpoint
 from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.selection import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
 from ckpt_wrapper.planner import Plan, PlanEntry, PlanOptions, Strategy, plan
@@ -51,6 +52,7 @@ __all__ = [
     "by_name",
     "cheap_modules",
     "cheap_recompute_wrapper",
+    "checkpoint",
     "checkpoint_regions",
     "checkpoint_wrapper",
     "every_nth",

@@ -72,6 +72,8 @@ class WrapState:
     """Whether the block's own forward is running (a forward or a recompute)."""
     recomputes: int = 0
     """How many times backward ran the block's forward again (a checkpointed block's count)."""
+    enable_hook: bool = True
+    """Whether the wrapper acts (the composable API's switch: False runs the block's plain forward)."""
     constructed: bool = False
     """Set while ``CheckpointWrapper(module)`` returns the module it wrapped (its ``__init__`` skips)."""
 
@@ -202,7 +204,7 @@ class ActivationWrapper(nn.Module):
             # `super(self.__class__, self).forward(...)` inside the block's own forward: the block's
             # author meant the parent of the block's class, which is what runs.
             return super(state.original_class, self).forward(*args, **kwargs)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and state.enable_hook:
             return self.__ckpt_forward__(state, inner, args, kwargs)
         # Nothing is saved for backward, so there is nothing to drop, recompute or offload.
         try:
