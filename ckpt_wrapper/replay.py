@@ -48,23 +48,35 @@ def _bookkeeping():
 
 
 class UpdatedBuffers:
-    """Which buffers of one block its forward updates in place: learned, kept in the block's state."""
+    """What recomputes of one block must know, learned on its first forward, kept in its state."""
 
     def __init__(self) -> None:
         self.learned = False
         """Whether one forward has been seen (before it, every buffer is copied)."""
         self.names: frozenset[str] = frozenset()
         """Names (relative to the block) of the buffers the forward updated in place."""
+        self.buffers: tuple[str, ...] = ()
+        """Names of all the block's buffers (relative to it), found on the first forward."""
+        self.generators: tuple[tuple[str, str], ...] = ()
+        """(submodule, attribute) of each ``torch.Generator`` the block's modules hold."""
+
+    def learn_layout(self, block: nn.Module) -> None:
+        """Find the block's buffers and generator attributes once (a walk costs more than a forward's
+        bookkeeping should)."""
+        self.buffers = tuple(name for name, b in block.named_buffers(remove_duplicate=False) if b is not None)
+        self.generators = tuple((name, attr) for name, module in block.named_modules()
+                                for attr, value in vars(module).items() if type(value) is torch.Generator)
 
 
-def _generators(block: nn.Module, leaves: list[Any]) -> list[torch.Generator]:
-    found = [leaf for leaf in leaves if isinstance(leaf, torch.Generator)]
-    for module in block.modules():
-        found += [value for value in vars(module).values() if isinstance(value, torch.Generator)]
-    unique: dict[int, torch.Generator] = {}
-    for generator in found:
-        unique.setdefault(id(generator), generator)
-    return list(unique.values())
+def _buffer(block: nn.Module, name: str) -> torch.Tensor | None:
+    owner, leaf = _owner(block, name)
+    return owner._buffers.get(leaf)
+
+
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        return list(args)  # the common call, without a pytree walk
+    return pytree.tree_leaves((args, kwargs))
 
 
 class ForwardRecord:
@@ -72,36 +84,47 @@ class ForwardRecord:
 
     def __init__(self, block: nn.Module, updated: UpdatedBuffers, args: tuple, kwargs: dict) -> None:
         self.block, self.updated = block, updated
-        self.before = {name: (b, b._version) for name, b in block.named_buffers(remove_duplicate=False) if b is not None}
+        if not updated.learned:
+            updated.learn_layout(block)
+        self.before = {name: (b, b._version) for name in updated.buffers if (b := _buffer(block, name)) is not None}
         wanted = self.before if not updated.learned else updated.names
-        # Copies only of what the forward may overwrite in place; a buffer it replaces keeps its old object.
-        leaves = pytree.tree_leaves((args, kwargs))
+        leaves = _leaves(args, kwargs)
         # The recompute reads the block's inputs again: the forward must not have changed them.
-        self.inputs = [(i, leaf, leaf._version) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        with _bookkeeping():
-            self.copies = {name: self.before[name][0].clone() for name in wanted if name in self.before}
-            self.generators = [(g, g.get_state()) for g in _generators(block, leaves)]
+        self.inputs = [(leaf, leaf._version) for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        generators = [leaf for leaf in leaves if type(leaf) is torch.Generator]
+        for name, attr in updated.generators:
+            value = getattr(block.get_submodule(name), attr, None)
+            if type(value) is torch.Generator and all(value is not g for g in generators):
+                generators.append(value)
+        self.copies: dict[str, torch.Tensor] = {}
+        self.generators: list[tuple[torch.Generator, torch.Tensor]] = []
+        # Copies only of what the forward may overwrite in place; a buffer it replaces keeps its old object.
+        if wanted or generators:
+            with _bookkeeping():
+                self.copies = {name: self.before[name][0].clone() for name in wanted if name in self.before}
+                self.generators = [(g, g.get_state()) for g in generators]
         self.in_place: dict[str, torch.Tensor | None] = {}
         self.replaced: dict[str, torch.Tensor] = {}
 
-    def finish_forward(self) -> list[int]:
+    def finish_forward(self) -> bool:
         """Note which buffers the forward changed, keeping the pre-forward values of those only.
 
         Returns:
-            The positions (among the flattened arguments) of input tensors the forward modified in
-            place; a recompute could not replay such a forward.
+            Whether the forward modified one of its input tensors in place; a recompute could not
+            replay such a forward.
         """
-        modified = [i for i, tensor, version in self.inputs if tensor._version != version]
+        modified = any(tensor._version != version for tensor, version in self.inputs)
         self.inputs = []
-        now = dict(self.block.named_buffers(remove_duplicate=False))
-        with _bookkeeping():
-            self._compare(now)
+        if self.before:
+            now = {name: _buffer(self.block, name) for name in self.before}
+            with _bookkeeping():
+                self._compare(now)
         self.updated.names = self.updated.names | set(self.in_place) if self.updated.learned else frozenset(self.in_place)
         self.updated.learned = True
         self.before, self.copies = {}, {}
         return modified
 
-    def _compare(self, now: dict[str, torch.Tensor]) -> None:
+    def _compare(self, now: dict[str, torch.Tensor | None]) -> None:
         for name, (buffer, version) in self.before.items():
             if now.get(name) is not buffer:
                 self.replaced[name] = buffer  # the old object is the old value
@@ -113,6 +136,11 @@ class ForwardRecord:
                 # None: updated in place for the first time after the block's first forward (an update
                 # that is conditional). The recompute still leaves no trace, but reads the updated value.
                 self.in_place[name] = self.copies.get(name)
+
+    @property
+    def needed(self) -> bool:
+        """Whether the recompute has anything to replay or undo."""
+        return bool(self.in_place or self.replaced or self.generators)
 
     def replay(self) -> _Replay:
         """A context for the recompute: the forward's starting state inside, the present one after."""

@@ -147,7 +147,7 @@ class CheckpointWrapper(ActivationWrapper):
                     record = ForwardRecord(self, state.updated_buffers, call_args, call_kwargs)
                 else:
                     state.recomputes += 1
-                    if record is not None:
+                    if record is not None and record.needed:
                         replay = record.replay()
             try:
                 with replay, out_of_place:
