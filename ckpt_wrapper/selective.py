@@ -37,7 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from ckpt_wrapper.wrapper import checkpoint_wrapper
 
-__all__ = ["PRESETS", "selective_context_fn", "apply_selective_checkpointing", "checkpoint_regions", "region_candidates"]
+__all__ = ["selective_contexts", "PRESETS", "selective_context_fn", "apply_selective_checkpointing", "checkpoint_regions", "region_candidates"]
 
 _aten = torch.ops.aten
 _MATMULS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
@@ -82,45 +82,24 @@ class _Policy:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class _SelectiveContext:
-    """A picklable ``context_fn``: each call gives the (forward, recompute) contexts of one checkpoint."""
+def _op_names(ops: Iterable[Any]) -> tuple[tuple[str, str, str], ...]:
+    # OpOverloads do not pickle: a context_fn carries (namespace, op name, overload name) instead.
+    return tuple(sorted((op.namespace, op._opname, op._overloadname) for op in ops))
 
-    def __init__(self, policy: str | Iterable[Any] | Callable[..., Any]) -> None:
-        self.description = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
-        self.user: Callable[..., Any] | None = None
-        self.every_other_matmul = False
-        if isinstance(policy, str):
-            if policy not in PRESETS:
-                raise ValueError(f"unknown selective preset {policy!r}; presets: {sorted(PRESETS)}, or pass a list of "
-                                 "ops or a policy callable")
-            self.save = _MATMULS | _ATTENTION
-            self.every_other_matmul = policy == "titan"
-        elif callable(policy):
-            self.save, self.user = frozenset(), policy
-        else:
-            ops = list(policy)
-            bad = [op for op in ops if not isinstance(op, torch._ops.OpOverload)]
-            if bad:
-                raise TypeError(f"a selective op list holds aten op overloads such as torch.ops.aten.mm.default; got {bad[:3]}")
-            self.save = frozenset(ops)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # OpOverloads do not pickle: store each as (namespace, op name, overload name).
-        state = dict(self.__dict__)
-        state["save"] = sorted((op.namespace, op._opname, op._overloadname) for op in self.save)
-        return state
+def _ops(names: tuple[tuple[str, str, str], ...]) -> frozenset:
+    return frozenset(getattr(getattr(getattr(torch.ops, namespace), name), overload) for namespace, name, overload in names)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state["save"] = frozenset(
-            getattr(getattr(getattr(torch.ops, namespace), name), overload) for namespace, name, overload in state["save"]
-        )
-        self.__dict__.update(state)
 
-    def __call__(self) -> tuple[Any, Any]:
-        return create_selective_checkpoint_contexts(_Policy(self.save, self.every_other_matmul, self.user))
+def selective_contexts(save: tuple[tuple[str, str, str], ...], every_other_matmul: bool,
+                       user: Callable[..., Any] | None) -> tuple[Any, Any]:
+    """The (forward, recompute) contexts of one selective checkpoint: what ``selective_context_fn`` binds.
 
-    def __repr__(self) -> str:
-        return f"selective_context_fn({self.description!r})"
+    A module-level function under ``functools.partial``: dynamo traces it (``torch.compile`` with
+    ``fullgraph=True`` works, per block or whole model), and it pickles. Each call makes a fresh policy,
+    so per-call state (the matmul count of the ``titan`` preset) starts over every forward.
+    """
+    return create_selective_checkpoint_contexts(_Policy(_ops(save), every_other_matmul, user))
 
 
 def selective_context_fn(policy: str | Iterable[Any] | Callable[..., Any] = "matmuls") -> Callable[[], tuple[Any, Any]]:
@@ -131,7 +110,8 @@ def selective_context_fn(policy: str | Iterable[Any] | Callable[..., Any] = "mat
             callable ``(ctx, op, *args, **kwargs)`` returning a ``CheckpointPolicy`` or a bool (True: save).
 
     Returns:
-        A picklable callable for ``checkpoint_wrapper(block, context_fn=...)``.
+        A ``functools.partial`` of ``selective_contexts`` for ``checkpoint_wrapper(block, context_fn=...)``:
+        it pickles, and ``torch.compile`` traces it (``fullgraph=True`` too).
 
     Raises:
         ValueError: for an unknown preset. TypeError: for a list holding something other than ops.
@@ -143,7 +123,23 @@ def selective_context_fn(policy: str | Iterable[Any] | Callable[..., Any] = "mat
         ...                            context_fn=selective_context_fn([torch.ops.aten.addmm.default]))
         >>> block(torch.randn(2, 8, requires_grad=True)).sum().backward()
     """
-    return _SelectiveContext(policy)
+    user: Callable[..., Any] | None = None
+    every_other_matmul = False
+    if isinstance(policy, str):
+        if policy not in PRESETS:
+            raise ValueError(f"unknown selective preset {policy!r}; presets: {sorted(PRESETS)}, or pass a list of "
+                             "ops or a policy callable")
+        save = _MATMULS | _ATTENTION
+        every_other_matmul = policy == "titan"
+    elif callable(policy):
+        save, user = frozenset(), policy
+    else:
+        ops = list(policy)
+        bad = [op for op in ops if not isinstance(op, torch._ops.OpOverload)]
+        if bad:
+            raise TypeError(f"a selective op list holds aten op overloads such as torch.ops.aten.mm.default; got {bad[:3]}")
+        save = frozenset(ops)
+    return functools.partial(selective_contexts, _op_names(save), every_other_matmul, user)
 
 
 def apply_selective_checkpointing(

@@ -237,11 +237,12 @@ def test_apply_selective_checkpointing_wraps_exactly_the_selected_blocks(make_gp
     A failure means the selection is ignored (more or fewer blocks wrapped), or the policy never reaches
     ``torch.utils.checkpoint``.
     """
-    context_fns: list[str] = []
+    context_fns: list[object] = []
     real = torch.utils.checkpoint.checkpoint
 
     def spy(fn, *args, **kwargs):
-        context_fns.append(repr(kwargs.get("context_fn")))
+        context = kwargs.get("context_fn")
+        context_fns.append((getattr(context, "func", None), getattr(context, "args", None)))
         return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
@@ -253,7 +254,8 @@ def test_apply_selective_checkpointing_wraps_exactly_the_selected_blocks(make_gp
     assert wrapped == {"layers.1", "layers.3"}
 
     _step(model, batch)
-    assert context_fns == ["selective_context_fn('titan')"] * 2
+    titan = selective_context_fn("titan")
+    assert context_fns == [(titan.func, titan.args)] * 2
     calls = [block_forward_calls[id(layer)] for layer in model.layers]
     assert calls == [1, 2, 1, 2]
 
