@@ -147,11 +147,13 @@ def builtin_gpt() -> nn.Module:
     return GPT(GPTConfig(n_layer=4, d_model=64, n_head=4, seq_len=32, vocab_size=256))
 
 
-def model_batch_fn(model: nn.Module, *, rows: int, flag: str = "--batch-fn") -> Callable[[int], Batch]:
+def model_batch_fn(model: nn.Module, *, rows: int, flag: str = "--batch-fn",
+                   name: str | None = None) -> Callable[[int], Batch]:
     """Synthetic ``step -> (tokens, next tokens)`` for a model that names its vocabulary (``config.vocab_size``).
 
     The built-in GPT and Hugging Face causal LMs qualify; the sequence length is the model's
-    ``config.seq_len`` or ``config.max_position_embeddings``, at most 32.
+    ``config.seq_len`` or ``config.max_position_embeddings``, at most 32. ``name`` (the ``--model`` text)
+    and ``flag`` word the error.
 
     Raises:
         UsageError: if the model has no ``config.vocab_size`` (then it needs a batch function).
@@ -165,7 +167,7 @@ def model_batch_fn(model: nn.Module, *, rows: int, flag: str = "--batch-fn") -> 
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
-        raise UsageError(f"--model {type(model).__name__} needs {flag} too (module:callable, step -> (inputs, "
+        raise UsageError(f"--model {name or 'gpt'} (a {type(model).__name__}) needs {flag} too (module:callable, step -> (inputs, "
                          "targets)): expected a model with config.vocab_size to draw tokens for, found none; fix: "
                          f"pass {flag}")
     longest = getattr(config, "seq_len", None) or getattr(config, "max_position_embeddings", None) or 32
@@ -413,7 +415,7 @@ def _setup(options: ParityOptions, device: torch.device) -> dict[str, Any]:
 
         def batch_fn(step: int) -> Batch:  # check_parity builds the model before the first batch
             if not synthesized:
-                synthesized.append(model_batch_fn(built[0], rows=2 * world))
+                synthesized.append(model_batch_fn(built[0], rows=2 * world, name=options.model))
             return synthesized[0](step)
 
     adapter = OutputAdapter(forward=options.forward and load_callable(options.forward, flag="--forward"),
@@ -447,7 +449,10 @@ def _setup(options: ParityOptions, device: torch.device) -> dict[str, Any]:
         is_block = selector
 
         def wrap(model: nn.Module) -> object:
-            return apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=selector)
+            try:
+                return apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=selector)
+            except ValueError as error:  # no block matched, or a block that cannot be wrapped
+                raise UsageError(f"--blocks {options.blocks or 'Block'}: {error}") from None
 
     return dict(model_fn=model_fn, batch_fn=batch_fn, wrap=wrap, is_block=is_block, forward_fn=adapter.forward,
                 loss_fn=adapter.loss)

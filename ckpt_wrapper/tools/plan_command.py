@@ -118,7 +118,7 @@ def run(options: PlanCommandOptions) -> int:
                              f"{type(model).__name__}")
         model.to(device)
         batch_fn = (load_callable(options.batch, flag="--batch-fn") if options.batch is not None
-                    else model_batch_fn(model, rows=2))
+                    else model_batch_fn(model, rows=2, name=options.model))
         inputs = batch_fn(0)[0]
         inputs = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
         result = plan(model, inputs, memory_budget=options.memory_budget,
