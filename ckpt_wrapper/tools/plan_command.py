@@ -121,8 +121,12 @@ def run(options: PlanCommandOptions) -> int:
                     else model_batch_fn(model, rows=2, name=options.model))
         inputs = batch_fn(0)[0]
         inputs = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
-        result = plan(model, inputs, memory_budget=options.memory_budget,
-                      check_fn=by_class_name(options.blocks) if options.blocks else None,
+        selector = by_class_name(options.blocks) if options.blocks else None
+        if selector is not None and not selector.select(model):
+            classes = sorted({type(m).__name__ for m in model.modules()})
+            raise UsageError(f"--blocks {options.blocks}: expected the class name(s) of the model's blocks, found "
+                             f"no module of that class; fix: pick from the model's classes {', '.join(classes[:12])}")
+        result = plan(model, inputs, memory_budget=options.memory_budget, check_fn=selector,
                       measure=options.measure, cost=options.cost, repeats=options.repeats)  # type: ignore[arg-type]
     except ValueError as error:  # UsageError, the planner's: no blocks, an unreachable budget
         print(f"ckpt-wrapper plan: error: {error}", file=sys.stderr, flush=True)
