@@ -426,19 +426,21 @@ def _setup(options: ParityOptions, device: torch.device) -> dict[str, Any]:
         except (OSError, ValueError) as error:
             raise UsageError(f"--plan {options.plan}: expected a plan saved by ckpt-wrapper plan --out (Plan.save), "
                              f"found: {error}") from None
-        planned: set[str] = set()
+        planned: list[Callable[[nn.Module], bool]] = []
 
         def wrap(model: nn.Module) -> object:
             return plan_wrap(plan, model, source=f"--plan {options.plan}")
 
-        def plan_blocks(module: nn.Module) -> bool:
+        def plan_blocks(module: nn.Module) -> bool:  # the classes of the planned blocks (a wrapper keeps its class)
             if not planned:
+                names = set()
                 for entry in plan.entries:
                     try:
-                        planned.add(type(built[0].get_submodule(entry.name)).__name__)
+                        names.add(type(built[0].get_submodule(entry.name)).__name__)
                     except AttributeError:
                         pass  # plan_wrap names it
-            return type(module).__name__ in planned
+                planned.append(by_class_name(",".join(sorted(names))) if names else (lambda m: False))
+            return planned[0](module)
 
         is_block = by_class_name(options.blocks) if options.blocks else plan_blocks
     else:

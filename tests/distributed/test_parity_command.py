@@ -189,6 +189,8 @@ def test_saved_plan_feeds_parity_plan(tmp_path, capsys, monkeypatch):
     assert "saved the plan" in capsys.readouterr().out
     stdout = _parity(2, "--plan", str(plan), "--parallel", "ddp", "--ac-order", "after")  # names under DDP's module.
     assert "parity OK on 2 ranks" in stdout, stdout
+    assert _main("parity", "--plan", str(plan), "--parallel", "fsdp2", "--steps", "1") == 0  # units: planned classes
+    assert "parity OK on 1 rank only" in capsys.readouterr().out
 
     _plan_entries(plan, **{"layers.3": "layers.9"})
     assert _main("parity", "--plan", str(plan), "--parallel", "none", "--steps", "1") == 2
