@@ -68,7 +68,13 @@ Batch = tuple[Any, Any]
 
 
 class UsageError(ValueError):
-    """A mistake in what the command was asked to do (a flag, a plan, a callable): exit status 2, one line."""
+    """A mistake in what the command was asked to do (a flag, a plan, a callable): exit status 2, one line.
+
+    Example:
+        >>> from ckpt_wrapper.testing.command import UsageError
+        >>> isinstance(UsageError("--plan p.json: ..."), ValueError)
+        True
+    """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import Literal
 
 import torch
 
@@ -32,7 +33,15 @@ __all__ = ["PlanCommandOptions", "add_arguments", "options_from_args", "run"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PlanCommandOptions:
-    """Everything ``ckpt-wrapper plan`` needs."""
+    """Everything ``ckpt-wrapper plan`` needs.
+
+    Example:
+        >>> from ckpt_wrapper.budget import parse_budget
+        >>> from ckpt_wrapper.tools.plan_command import PlanCommandOptions
+        >>> options = PlanCommandOptions(memory_budget=parse_budget("6GiB"))
+        >>> options.memory_budget.resolve(0), options.cost, options.measure
+        (6442450944, 'auto', 'held')
+    """
 
     model: str | None = None
     """``module:callable`` building the model; None for the built-in GPT."""
@@ -42,9 +51,9 @@ class PlanCommandOptions:
     """Class name(s) of the blocks, comma-separated; None: the children of the largest ``ModuleList``."""
     memory_budget: Budget
     """The activation memory budget (``ckpt_wrapper.budget`` grammar)."""
-    cost: str = "auto"
+    cost: Literal["flops", "time", "auto"] = "auto"
     """``flops``, ``time`` or ``auto``."""
-    measure: str = "held"
+    measure: Literal["held", "saved"] = "held"
     """``held`` or ``saved``."""
     repeats: int = 5
     """Timing rounds."""
@@ -127,7 +136,7 @@ def run(options: PlanCommandOptions) -> int:
             raise UsageError(f"--blocks {options.blocks}: expected the class name(s) of the model's blocks, found "
                              f"no module of that class; fix: pick from the model's classes {', '.join(classes[:12])}")
         result = plan(model, inputs, memory_budget=options.memory_budget, check_fn=selector,
-                      measure=options.measure, cost=options.cost, repeats=options.repeats)  # type: ignore[arg-type]
+                      measure=options.measure, cost=options.cost, repeats=options.repeats)
     except ValueError as error:  # UsageError, the planner's: no blocks, an unreachable budget
         print(f"ckpt-wrapper plan: error: {error}", file=sys.stderr, flush=True)
         return 2
