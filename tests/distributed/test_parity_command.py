@@ -6,6 +6,10 @@ skip without a GPU; multi-GPU cells skip with fewer than two GPUs.
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+
 import pytest
 import torch
 
@@ -18,7 +22,7 @@ needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs t
 
 
 def _parity(nproc: int, *flags: str) -> str:
-    result = torchrun(nproc, "-m", "ckpt_wrapper", "parity", *flags)
+    result = torchrun(nproc, "-m", "ckpt_wrapper", "parity", *flags, env=_env())
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert ": OK" in result.stdout, output[-6000:]
@@ -39,16 +43,20 @@ def test_parity_command_exits_nonzero_when_model_differs():
     """A user model whose blocks behave differently when recomputed must fail the check (exit 1)."""
     result = torchrun(2, "-m", "ckpt_wrapper", "parity", "--model", "parity_targets:drifting_model",
                       "--batch-fn", "parity_targets:batch", "--blocks", "Drifting", "--parallel", "ddp",
-                      env={"PYTHONPATH": _here()})
+                      env=_env())
     assert result.returncode == 1, result.stdout + result.stderr[-4000:]
     assert "FAILED" in result.stdout
 
 
 def test_parity_command_rejects_model_without_batch():
-    """--model without --batch-fn is a usage error naming the missing flag, not a traceback or a hang."""
+    """--model without --batch-fn, for a model with no ``config.vocab_size`` to draw tokens from, is a usage
+    error (the rank exits 2 with one line; torchrun itself exits 1) naming the missing flag, not a traceback
+    or a hang."""
     result = torchrun(1, "-m", "ckpt_wrapper", "parity", "--model", "parity_targets:drifting_model",
-                      "--parallel", "none", env={"PYTHONPATH": _here()})
-    assert result.returncode != 0 and "needs --batch-fn" in result.stderr, result.stderr[-3000:]
+                      "--blocks", "Drifting", "--parallel", "none", env=_env())
+    errors = [ln for ln in result.stderr.splitlines() if "error:" in ln]
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and "needs --batch-fn" in errors[0] and "[rank0]: Traceback" not in result.stderr, errors
 
 
 def test_old_flag_spellings_still_parse_to_the_same_options(capsys):
@@ -81,9 +89,121 @@ def test_old_flag_spellings_still_parse_to_the_same_options(capsys):
 
 
 def _here() -> str:
-    import os
-
     return os.path.dirname(os.path.abspath(__file__))
+
+
+def _env() -> dict[str, str]:
+    """PYTHONPATH for the ranks: this checkout first (not whichever ckpt_wrapper is installed), then the targets."""
+    root = str(pathlib.Path(_here()).parents[1])
+    return {"PYTHONPATH": os.pathsep.join(p for p in (root, _here(), os.environ.get("PYTHONPATH")) if p)}
+
+
+def test_ranks_import_this_checkout():
+    """The torchrun ranks run the ckpt_wrapper of this checkout, beside the test targets.
+
+    Failed before: the negative tests replaced PYTHONPATH with the tests folder alone, so their ranks
+    imported whichever ckpt_wrapper was installed (another checkout) and tested that code instead.
+    """
+    import subprocess
+    import sys
+
+    code = "import ckpt_wrapper, parity_targets; print(ckpt_wrapper.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, **_env()}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert pathlib.Path(result.stdout.strip()).parents[1] == pathlib.Path(_here()).parents[1], result.stdout
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_parity_command_on_a_hugging_face_llama(parallel):
+    """A Hugging Face LlamaForCausalLM (built from a config) under torchrun on 2 CPU ranks, with no batch
+    function (token ids from its vocabulary) and its ``CausalLMOutputWithPast`` compared by the logits.
+
+    Failed before: ``AttributeError: 'CausalLMOutputWithPast' object has no attribute 'flatten'`` (and
+    ``--model`` without ``--batch-fn`` was refused).
+    """
+    pytest.importorskip("transformers")
+    stdout = _parity(2, "--model", "parity_targets:llama", "--blocks", "LlamaDecoderLayer", "--parallel", parallel,
+                     "--min-ranks", "2")
+    assert "2 block(s) wrapped" in stdout and "parity OK on 2 ranks (world size 2): exit status 0" in stdout, stdout
+
+
+def _main(*argv: str) -> int:
+    """``ckpt-wrapper ARGV`` in this process (a one-rank group, not torchrun), targets importable."""
+    import sys
+
+    from ckpt_wrapper.tools.cli import main
+
+    sys.path.insert(0, _here())
+    try:
+        return main(list(argv))
+    finally:
+        sys.path.remove(_here())
+
+
+def test_parity_command_uses_the_models_loss_and_user_callables_in_one_process(capsys, monkeypatch):
+    """Without torchrun (no RANK): inputs with ``labels`` train on the model's own ``output.loss``;
+    ``--forward`` and ``--loss`` replace the call and the loss; the summary says plainly that one rank, not
+    started by torchrun, took part, and ``--min-ranks 2`` turns that into exit status 1.
+
+    Failed before: ModelOutput outputs raised AttributeError, and no flag selected the logits or the loss.
+    """
+    pytest.importorskip("transformers")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    base = ["parity", "--model", "parity_targets:llama", "--blocks", "LlamaDecoderLayer", "--parallel", "none",
+            "--steps", "2"]
+    assert _main(*base, "--batch-fn", "parity_targets:llama_labelled_batch") == 0
+    out = capsys.readouterr().out
+    assert ": OK" in out and "not started by torchrun" in out and "exit status 0" in out, out
+
+    import parity_targets
+
+    calls = []
+    monkeypatch.setattr(parity_targets, "loss_of", lambda o, t: calls.append(type(o)) or
+                        torch.nn.functional.cross_entropy(o.flatten(0, -2), t.flatten()))
+    assert _main(*base, "--forward", "parity_targets:logits_of", "--loss", "parity_targets:loss_of",
+                 "--min-ranks", "2") == 1
+    out = capsys.readouterr().out
+    assert ": OK" in out and "expected at least 2 ranks (--min-ranks 2), found 1: exit status 1" in out, out
+    assert calls and set(calls) == {torch.Tensor}, calls  # the user's forward's output, as it returned it
+
+
+def _plan_entries(path: pathlib.Path, **changes: str) -> None:
+    data = json.loads(path.read_text())
+    for entry in data["entries"]:
+        entry["name"] = changes.get(entry["name"], entry["name"])
+    path.write_text(json.dumps(data))
+
+
+def test_saved_plan_feeds_parity_plan(tmp_path, capsys, monkeypatch):
+    """End to end: ``ckpt-wrapper plan --out`` saves a plan that ``parity --plan`` applies on 2 ranks and
+    passes; a plan naming a block the model lacks is exit status 2 with one line naming it.
+
+    Failed before: there was no ``plan`` subcommand and no ``--plan`` flag.
+    """
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    plan = tmp_path / "plan.json"
+    assert _main("plan", "--memory-budget", "0.3", "--cost", "flops", "--measure", "saved", "--out", str(plan)) == 0
+    assert "saved the plan" in capsys.readouterr().out
+    stdout = _parity(2, "--plan", str(plan), "--parallel", "ddp", "--ac-order", "after")  # names under DDP's module.
+    assert "parity OK on 2 ranks" in stdout, stdout
+    assert _main("parity", "--plan", str(plan), "--parallel", "fsdp2", "--steps", "1") == 0  # units: planned classes
+    assert "parity OK on 1 rank only" in capsys.readouterr().out
+
+    _plan_entries(plan, **{"layers.3": "layers.9"})
+    assert _main("parity", "--plan", str(plan), "--parallel", "none", "--steps", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names block(s) layers.9, which GPT does not have" in err[0] and "fix:" in err[0], err
+
+
+def test_parity_command_refuses_plan_and_ac_together(capsys):
+    """--plan with --ac offload is a usage error (exit 2, one line), not a silent choice of one. No ranks."""
+    with pytest.raises(SystemExit) as exit_info:
+        _main("parity", "--plan", "p.json", "--ac", "offload")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--plan applies the plan's strategies" in err[0], err
 
 
 @needs_cuda

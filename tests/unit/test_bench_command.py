@@ -92,3 +92,34 @@ def test_markdown_table_rejects_ragged_rows() -> None:
     """A row with a missing cell is an error naming the expected count, not a shifted table."""
     with pytest.raises(ValueError, match="every row needs 2 cells"):
         benchkit.markdown_table(["name", "ms"], [["none"]])
+
+
+def test_version_prints_the_package_and_torch_versions(capsys) -> None:
+    """``ckpt-wrapper --version`` (and ``python -m ckpt_wrapper --version``) prints both versions, exit 0.
+
+    Failed before: ``--version`` was an unknown argument (exit 2).
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    import ckpt_wrapper
+
+    expected = f"ckpt-wrapper {ckpt_wrapper.__version__} (torch {torch.__version__})"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == expected
+    result = subprocess.run([sys.executable, "-m", "ckpt_wrapper", "--version"], capture_output=True, text=True,
+                            timeout=120, cwd=str(__import__("pathlib").Path(ckpt_wrapper.__file__).parents[1]))
+    assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr[-2000:]
+
+
+def test_usage_errors_are_one_line(capsys) -> None:
+    """Every subcommand's usage error is one line on stderr naming --help, exit status 2 (no usage block)."""
+    for argv in (["bench", "--budgets", "1.5"], ["plan", "--cost", "cheap"], ["parity", "--steps", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith(f"ckpt-wrapper {argv[0]}: error: ") and err[0].endswith("--help)"), err
