@@ -48,8 +48,9 @@ def checkpoint(module: nn.Module, **kwargs: Any) -> nn.Module:
     """
     if kwargs.pop("use_reentrant", False):
         raise NotImplementedError(
-            "use_reentrant=True is not supported in composable checkpoint; use torch.utils.checkpoint.checkpoint, "
-            "or ckpt_wrapper.checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.REENTRANT)."
+            "use_reentrant=True is not supported in composable checkpoint. Please use "
+            "torch.utils.checkpoint.checkpoint instead (or ckpt_wrapper.checkpoint_wrapper(module, "
+            "checkpoint_impl=CheckpointImpl.REENTRANT))."
         )
     unexpected = sorted(set(kwargs) - set(_ACCEPTED))
     if unexpected:

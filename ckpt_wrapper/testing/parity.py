@@ -123,7 +123,7 @@ class ParityReport:
     def __str__(self) -> str:
         rtol, atol = self.tolerances
         ranks = (f"on {self.world_size} ranks" if self.world_size > 1 else
-                 "on 1 rank only (no torchrun: sharding across ranks was not exercised)")
+                 "on 1 rank only (sharding across ranks was not exercised)")
         lines = [
             f"parity: {self.recipe} vs {self.reference} reference, {ranks} (rtol={rtol:g}, atol={atol:g}): "
             + ("OK" if self.ok else f"FAILED ({len(self.failures)} comparisons)"),
