@@ -390,10 +390,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank == 0:
                 print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
             status = 2
-    if rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
-        # torchrun stops every rank once one exits with an error: the others wait here (their signals back
-        # to the defaults) so that rank 0's line is printed before torchrun ends it.
-        time.sleep(_QUIET_RANK_WAIT_S)
+    if rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ and threading.current_thread() is threading.main_thread():
+        # torchrun stops every rank once one exits with an error: the others wait here (a signal ends the
+        # wait at once, quietly) so that rank 0's line is printed before torchrun ends the launch.
+        def leave(signum: int, frame: Any) -> None:  # noqa: ARG001 (signal's signature)
+            raise SystemExit(status)
+
+        previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            time.sleep(_QUIET_RANK_WAIT_S)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return status
 
 
