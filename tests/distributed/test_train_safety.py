@@ -330,3 +330,53 @@ def test_ctrl_c_inside_a_recompute_gets_no_note_blaming_the_block() -> None:
     with pytest.raises(KeyboardInterrupt) as caught:
         out.sum().backward()
     assert not getattr(caught.value, "__notes__", []), caught.value.__notes__
+
+
+def test_a_folder_of_another_run_is_refused_saying_what_differs(saved: dict, tmp_path: Path) -> None:
+    """Another world size, another model, or steps without run.json (an older driver's) are refused, naming
+    the step and the values; the same run is accepted.
+
+    Caught: a 4-layer checkpoint loaded silently into a 2-layer model (DCP ignores keys the model lacks); a
+    missing per-rank file reported as a checkpoint of "fewer ranks".
+    """
+    import argparse
+
+    from ckpt_wrapper.tools.train_driver.args import build_parser
+    from ckpt_wrapper.tools.train_driver.checkpoints import Checkpoints, run_identity
+
+    ckpt = _copy(saved, tmp_path)
+
+    def identity(*flags: str, world: int = 2) -> dict:
+        args: argparse.Namespace = build_parser().parse_args([*TINY, *flags])
+        return run_identity(args, world)
+
+    Checkpoints(ckpt, 0, 2, identity()).refuse_foreign()  # the run that saved it
+    Checkpoints(ckpt, 0, 2, identity("--ac", "offload", "--parallel", "ddp", "--lr", "1e-3")).refuse_foreign()
+    with pytest.raises(ValueError, match="ranks 2 there, 4 here"):
+        Checkpoints(ckpt, 0, 4, identity(world=4)).refuse_foreign()
+    with pytest.raises(ValueError, match="--d-model 32 there, 64 here; --seed 0 there, 1 here"):
+        Checkpoints(ckpt, 0, 2, identity("--d-model", "64", "--seed", "1")).refuse_foreign()
+    (ckpt / "step-00000004" / "run.json").unlink()
+    with pytest.raises(ValueError, match="step-00000004 has no run.json .*--no-resume"):
+        Checkpoints(ckpt, 0, 2, identity()).refuse_foreign()
+
+
+def test_no_resume_replaces_the_earlier_steps_and_keep_last_spares_the_new_one(tmp_path: Path) -> None:
+    """``--no-resume``'s first save deletes the earlier steps (even higher-numbered ones); ``keep_last`` never
+    deletes the step just saved.
+
+    Caught: a fresh run's step 2 next to an earlier run's step 40, so the next resume took the earlier run's.
+    """
+    from ckpt_wrapper.testing.models import GPT, GPTConfig
+    from ckpt_wrapper.tools.train_driver.checkpoints import Checkpoints
+
+    model = GPT(GPTConfig(n_layer=1, d_model=16, n_head=2, seq_len=8, vocab_size=32))
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoints = Checkpoints(tmp_path, rank=0, world=1)
+    cpu = torch.device("cpu")
+    for step in (39, 40):
+        checkpoints.save(step, model, optimizer, cpu)
+    checkpoints.save(1, model, optimizer, cpu, keep_last=2)  # keep_last alone: 40 and the new 1 stay
+    assert [step for step, _ in checkpoints.steps()] == [1, 40]
+    checkpoints.save(2, model, optimizer, cpu, keep_last=3, discard_others=True)
+    assert [step for step, _ in checkpoints.steps()] == [2]
