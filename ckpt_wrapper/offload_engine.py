@@ -21,6 +21,8 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -310,11 +312,13 @@ class OffloadEngine:
             return True
         if not self._said_no_accelerator:
             self._said_no_accelerator = True
+            if not _on_rank_zero():  # every rank would say the same: rank 0 says it for the launch
+                return False
             warnings.warn(
                 "ckpt_wrapper: offload of a block in host memory has nothing to free; it runs without "
                 "offload. Pass cpu_copy=True to exercise the copies on CPU.",
                 UserWarning,
-                stacklevel=6,  # active_for, _wrapped_forward, forward, _call_impl, _wrapped_call_impl
+                stacklevel=_caller_stacklevel(),
             )
         return False
 
@@ -419,3 +423,40 @@ class OffloadEngine:
     def clear_cache(self) -> None:
         """Release the pool's cached host buffers (say, before a phase without offload)."""
         self.pool.clear()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONSUMER_DIRS = tuple(os.path.join(_PACKAGE_DIR, sub) + os.sep for sub in ("testing", "tools"))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _internal(filename: str) -> bool:
+    """Frames a warning should not be attributed to: ckpt_wrapper's library code and PyTorch's.
+
+    ``ckpt_wrapper.testing`` and ``ckpt_wrapper.tools`` call blocks as user code does (their models,
+    the driver), so their frames count as the caller.
+    """
+    path = os.path.abspath(filename) if not filename.startswith("<") else filename
+    if path.startswith(_TORCH_DIR):
+        return True
+    return path.startswith(_PACKAGE_DIR) and not path.startswith(_CONSUMER_DIRS)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that names the first frame
+    outside ckpt_wrapper and PyTorch (the code that called the block), however many hooks lie between.
+    """
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _on_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"

@@ -317,8 +317,10 @@ def block_label(module: nn.Module) -> str:
 
 def annotate_error(module: nn.Module, error: BaseException, phase: str) -> None:
     """Add a note naming the block and the phase (running, recomputing) to ``error``, once."""
-    # torch signals early stop of recomputation with an internal exception: it is control flow.
-    if type(error).__name__ == "_StopRecomputationError" or getattr(error, "_ckpt_annotated", False):
+    # torch signals early stop of recomputation with an internal exception: it is control flow. Ctrl-C
+    # (KeyboardInterrupt), SystemExit and the like are not the block's doing: a note would mislead.
+    if (not isinstance(error, Exception) or type(error).__name__ == "_StopRecomputationError"
+            or getattr(error, "_ckpt_annotated", False)):
         return
     error._ckpt_annotated = True  # type: ignore[attr-defined]
     error.add_note(f"ckpt_wrapper: raised while {phase} block {block_label(module)}")

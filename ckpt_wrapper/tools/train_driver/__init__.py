@@ -18,8 +18,12 @@ whatever the blocks wrapped:
 Every rank builds the same seeded model, checkpoints the chosen blocks (``--ac``), shards it
 (``--parallel``; gloo on CPU, NCCL on GPUs) and trains on its slice of a global batch that depends only
 on the seed and the step. ``--checkpoint-dir`` saves model and optimizer with
-``torch.distributed.checkpoint`` plus, per rank, the RNG state and the data position. Rank 0 shows a
-progress line (loss, tokens/s, peak memory) and ends with a summary table.
+``torch.distributed.checkpoint`` plus, per rank, the RNG state and the data position, and ``run.json``
+(the model and run configuration: a folder of another run is refused). Each step is written aside and
+renamed into place; a damaged newest step is named and the previous one resumed; ``--keep-last`` steps
+are kept (3). SIGINT and SIGTERM finish the step, save it and exit with 130 / 143. Rank 0 shows a
+progress line (loss, tokens/s, memory) and ends with a summary table (activation memory of a forward;
+on CUDA also the allocator's peak). A mistake in the flags is one line on rank 0, exit status 2.
 
 Modules: ``args`` (the command line and its checks), ``modes`` (models, data, checkpointing modes),
 ``checkpoints`` (DCP save and resume), ``progress`` (display and summary), ``loop`` (the run).

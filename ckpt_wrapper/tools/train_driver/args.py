@@ -11,14 +11,16 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import pathlib
+from typing import NoReturn
 
 from ckpt_wrapper.budget import parse_budget
 from ckpt_wrapper.testing.recipes import SHARD_KINDS
 from ckpt_wrapper.tools import flags
 
-__all__ = ["AC_MODES", "PARALLEL", "UsageError", "build_parser", "check_args"]
+__all__ = ["AC_MODES", "PARALLEL", "Parser", "UsageError", "build_parser", "check_args", "check_data"]
 
 AC_MODES = ("none", "full", "selective", "offload", "full+offload", "plan")
 """The ``--ac`` choices."""
@@ -30,6 +32,29 @@ class UsageError(ValueError):
     """The flags describe a run that cannot work (or a feature this version lacks)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` for every rank of a launch: help on rank 0 only, errors raised as ``UsageError``.
+
+    ``main`` prints the error once, on rank 0, as one line (a mistyped flag gets the closest spelling,
+    not the whole usage text), and exits with status 2 before any process group starts.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            known = [o for action in self._actions for o in action.option_strings]
+            hints = []
+            for word in message.removeprefix("unrecognized arguments: ").split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1) if word.startswith("-") else []
+                if close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+            message += (" (" + "; ".join(hints) + ")") if hints else ""
+        raise UsageError(f"{message} (see --help)")
+
+    def _print_message(self, message: str, file=None) -> None:  # noqa: ANN001 (argparse's signature)
+        if os.environ.get("RANK", "0") == "0":
+            super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the training driver.
 
@@ -38,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from ckpt_wrapper.tools import train_driver
 
-    p = argparse.ArgumentParser(prog="train_driver.py", description=train_driver.__doc__,
+    p = Parser(prog="train_driver.py", description=train_driver.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("gpt", "llama"), default="gpt",
                    help="gpt: ckpt_wrapper.testing.models.GPT; llama: HF LlamaForCausalLM built from a config "
@@ -79,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--stop-after", type=int, default=None,
                     help="stop after this step, saving a checkpoint (as if interrupted); resume with the same "
                          "command without it")
-    ck.add_argument("--no-resume", action="store_true", help="start from step 1 even if --checkpoint-dir holds one")
+    ck.add_argument("--keep-last", type=int, default=3,
+                    help="keep the newest K steps in --checkpoint-dir; older ones are deleted after each successful "
+                         "save (default: 3; 0 keeps all)")
+    ck.add_argument("--no-resume", action="store_true",
+                    help="start from step 1 even if --checkpoint-dir holds steps (of this run or another); they "
+                         "are deleted at this run's first save")
     ck.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto",
                     help="rank 0's display: bar (tqdm if installed, else one updating line), lines (one line "
                          "per --log-every steps), auto (bar on a terminal, else lines) (default: auto)")
@@ -98,6 +128,8 @@ def check_args(args: argparse.Namespace, world: int) -> None:
     for name in ("steps", "batch", "every", "log_every", "n_layer", "seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}")
+    if args.keep_last < 0:
+        raise ValueError(f"--keep-last must be >= 0 (0 keeps every step), found {args.keep_last}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
         raise ValueError(f"--stop-after must be within 1..--steps ({args.steps}), found {args.stop_after}")
     if args.stop_after is not None and args.checkpoint_dir is None:
@@ -118,3 +150,20 @@ def check_args(args: argparse.Namespace, world: int) -> None:
         raise ValueError(f"--ac {args.ac} is not wired to --parallel accelerate; use fsdp2, fsdp1, ddp or none")
     if args.parallel != "accelerate" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         raise ValueError("launched by `accelerate launch` with an FSDP config: pass --parallel accelerate")
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """Refuse a ``--data`` file that is missing or too short, before any process group starts.
+
+    Raises:
+        ValueError: naming the file.
+    """
+    if args.data is None:
+        return
+    if not args.data.is_file():
+        what = "is a folder" if args.data.is_dir() else "does not exist"
+        raise ValueError(f"--data {args.data} {what}: pass a text file")
+    size = args.data.stat().st_size
+    if size <= args.seq_len + 1:
+        raise ValueError(f"--data {args.data} holds {size} bytes; expected more than --seq-len + 1 "
+                         f"({args.seq_len + 1}): use a longer file or a smaller --seq-len")
