@@ -77,6 +77,12 @@ class WrapState:
     constructed: bool = False
     """Set while ``CheckpointWrapper(module)`` returns the module it wrapped (its ``__init__`` skips)."""
 
+    @property
+    def _ac_generator(self) -> None:
+        # Read by code written against PyTorch's composable checkpoint state, which keeps a generator
+        # between a forward's hooks; none is ever kept here.
+        return None
+
 
 # Generated classes, one per (wrapper kind, block class). A memo, not state: the same inputs always
 # give the same class, which keeps `type(a) is type(b)` true for two wrapped blocks of one class.

@@ -101,3 +101,28 @@ def test_composes_with_fully_shard_in_either_order(process_group, order: str) ->
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=name)
     assert [b.calls for b in model] == [2, 2]
+
+
+class Fails(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fail = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.fc(x)
+
+
+def test_an_error_in_forward_leaves_no_state_and_the_module_trains_after() -> None:
+    """What PyTorch's composable state keeps between hooks (``_ac_generator``) is never kept here, and a
+    forward that raised leaves the module usable."""
+    module = checkpoint(Fails())
+    with pytest.raises(RuntimeError, match="boom"):
+        module(torch.randn(2, 4))
+    state = checkpoint.state(module)
+    assert state._ac_generator is None and not state.entered
+    module.fail = False
+    module(torch.randn(2, 4)).sum().backward()
+    assert module.fc.weight.grad is not None
