@@ -202,6 +202,10 @@ class CheapRecomputeWrapper(ActivationWrapper):
         return _modules_of(self, wrap_state(self))
 
     def __ckpt_forward__(self, state: WrapState, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if torch.compiler.is_compiling():
+            # A compiled graph's partitioner already chooses to recompute cheap pointwise outputs
+            # (norms, activations) instead of saving them; hooks cannot be registered while tracing.
+            return inner(*args, **kwargs)
         recorder = _Recorder()
         # Hooks live only for this call: nothing persistent to deep-copy, pickle or leak.
         modules = [self.get_submodule(name) for name in _modules_of(self, state)]

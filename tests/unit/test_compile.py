@@ -121,3 +121,65 @@ def test_selective_context_fn_pickles() -> None:
         restored = pickle.loads(pickle.dumps(selective_context_fn(policy)))
         forward_context, recompute_context = restored()
         assert forward_context is not None and recompute_context is not None
+
+
+def _strategy_cases() -> list:
+    from ckpt_wrapper.planner import block_strategies
+    from ckpt_wrapper.testing.models import GPTConfig
+
+    names = [str(s) for s in block_strategies(Block(GPTConfig(d_model=32, n_head=4)), device=torch.device("cpu"))]
+    cases = [pytest.param(name, "aot_eager", id=f"{name}-aot_eager") for name in names]
+    cases += [pytest.param(name, "inductor", id=f"{name}-inductor", marks=pytest.mark.slow)
+              for name in ("cheap", "cheap+regions:mlp")]
+    return cases
+
+
+@pytest.mark.parametrize("scope", ["per-block", "whole-model"])
+@pytest.mark.parametrize("strategy, backend", _strategy_cases())
+def test_every_planner_strategy_compiles_with_fullgraph(make_gpt, batch, assert_same_grads, strategy, backend, scope) -> None:
+    """Every strategy the planner can choose on CPU (none, cheap, regions, cheap+regions, sac, full)
+    compiles with ``fullgraph=True``, per block and whole model, with eager's gradients.
+
+    Caught on the main of 2026-12-01: cheap recompute registered hooks while dynamo traced
+    (``setattr() on unsupported type``) and the sac strategies failed as selective checkpointing did.
+    """
+    from ckpt_wrapper.planner import apply_strategy
+
+    reference = make_gpt(n_layer=2)
+    model = copy.deepcopy(reference)
+    for i, block in enumerate(model.layers):
+        apply_strategy(block, strategy, fqn=f"layers.{i}")
+    loss_ref = reference.loss(*batch)
+    loss_ref.backward()
+    if scope == "per-block":
+        for block in model.layers:
+            block.compile(backend=backend, fullgraph=True)
+        loss = model.loss(*batch)
+        loss.backward()
+    else:
+        loss = _compiled_step(model, batch, backend=backend, fullgraph=True)
+    torch.testing.assert_close(loss, loss_ref)
+    assert_same_grads(model, reference, exact=False)
+
+
+@pytest.mark.parametrize("kind", ["offload", "checkpoint+offload"])
+def test_offload_compiles_where_pytorchs_offload_does(make_gpt, batch, assert_same_grads, kind) -> None:
+    """Offload (its saved-tensor hooks run between graphs) compiles without ``fullgraph``, as PyTorch's own
+    ``offload_wrapper`` does (neither traces into one graph), with eager's gradients."""
+    import functools
+    import warnings
+
+    from ckpt_wrapper import OffloadOptions, checkpoint_wrapper, offload_wrapper
+
+    wrap = (functools.partial(offload_wrapper, cpu_copy=True, min_bytes=0) if kind == "offload" else
+            functools.partial(checkpoint_wrapper, offload=OffloadOptions(cpu_copy=True, min_bytes=0)))
+    reference = make_gpt(n_layer=2)
+    model = copy.deepcopy(reference)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrap, check_fn=by_class(Block))
+    loss_ref = reference.loss(*batch)
+    loss_ref.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = _compiled_step(model, batch, backend="aot_eager")
+    torch.testing.assert_close(loss, loss_ref)
+    assert_same_grads(model, reference, exact=False)
