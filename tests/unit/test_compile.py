@@ -84,17 +84,26 @@ def _selective(preset):
     return functools.partial(checkpoint_wrapper, context_fn=selective_context_fn(preset))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def _save_matmuls(ctx, op, *args, **kwargs) -> bool:
+    return op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+# aot_eager checks tracing for every form; inductor (slow: a cold compile takes seconds) for the presets.
+_SELECTIVE_CASES = [pytest.param(preset, "aot_eager", id=f"{preset}-aot_eager") for preset in ("matmuls", "titan", "op-list", "callable")]
+_SELECTIVE_CASES += [pytest.param(preset, "inductor", id=f"{preset}-inductor", marks=pytest.mark.slow) for preset in ("matmuls", "titan")]
+
+
 @pytest.mark.parametrize("scope", ["per-block", "whole-model"])
-@pytest.mark.parametrize("preset", ["matmuls", "titan", "op-list"])
+@pytest.mark.parametrize("preset, backend", _SELECTIVE_CASES)
 def test_selective_checkpointing_compiles_with_fullgraph(make_gpt, batch, assert_same_grads, preset, scope, backend) -> None:
-    """Selective checkpointing (every preset, an op list) compiles with ``fullgraph=True``, per block
+    """Selective checkpointing (every preset, an op list, a policy callable) compiles with ``fullgraph=True``, per block
     (torchtitan's recipe) and whole model, and gives eager's gradients.
 
     Caught on the main of 2026-12-01: dynamo refused the picklable callable class that built the contexts
     ("checkpoint not implemented for ... context_fn"), even without fullgraph.
     """
-    policy = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default] if preset == "op-list" else preset
+    policy = {"op-list": [torch.ops.aten.mm.default, torch.ops.aten.addmm.default],
+              "callable": _save_matmuls}.get(preset, preset)
     reference = make_gpt(n_layer=2)
     model = copy.deepcopy(reference)
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=_selective(policy), check_fn=by_class(Block))
