@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
-from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.distributed import default_device, init_distributed, shutdown_distributed
 from ckpt_wrapper.testing.data import random_batch
 from ckpt_wrapper.testing.recipes import ShardRecipe
 from ckpt_wrapper.offload import offload_wrapper
@@ -159,5 +159,4 @@ def run(options: ParityOptions) -> int:
         return 1 if int(failed) else 0
     finally:
         if owns_group:
-            dist.barrier()
-            dist.destroy_process_group()
+            shutdown_distributed()  # barrier, destroy, and free the groups before interpreter shutdown
