@@ -170,13 +170,15 @@ def shutdown_distributed(*, barrier: bool = True, wait_s: float = 10.0) -> int:
     garbage collection so that the process groups' C++ objects are freed now, on this thread, while the
     interpreter is fully alive.
 
-    Why the collection matters: ``destroy_process_group`` only unregisters the groups. A gloo group's worker
-    threads run until its last Python reference is gone, and FSDP modules, DeviceMeshes and optimizers hold
-    such references inside reference cycles, which only the collector frees. Left to interpreter shutdown,
-    the group is freed while the interpreter is being finalized; a worker thread that then drops its last
-    work object frees tensors whose Python objects need the GIL, and a thread taking the GIL during
-    finalization is ended with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor calls
-    ``std::terminate``: "terminate called without an active exception", SIGABRT after a successful run.
+    Why more than ``destroy_process_group``: it only unregisters the groups. A gloo group's worker threads
+    run until its last Python reference is gone, and after a run references remain: in reference cycles
+    (FSDP state, modules), in ``torch.distributed.nn.functional``'s default arguments (``group=group.WORLD``,
+    evaluated when ``torch._dynamo`` imports the module, which building any optimizer does) and in DTensor's
+    sharding caches (spec -> DeviceMesh -> its groups). Left to interpreter shutdown, the threads outlive
+    the interpreter's start of finalization; a worker that then releases its last work object frees tensors
+    whose Python objects need the GIL, and a thread taking the GIL during finalization is ended with
+    ``pthread_exit``, whose unwinding through a ``noexcept`` destructor calls ``std::terminate``: "terminate
+    called without an active exception", SIGABRT after a successful run. See docs/reliability.md.
 
     Safe without a group (it only collects) and on one rank (no barrier). Do not call it on a failure path
     where another rank may be stuck in a collective: use ``destroy_process_group()`` there.
