@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
-from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.distributed import default_device, init_distributed, shutdown_distributed
 from ckpt_wrapper.offload import offload_wrapper
 from ckpt_wrapper.planner import Plan
 from ckpt_wrapper.selection import by_class_name
@@ -495,5 +495,4 @@ def run(options: ParityOptions) -> int:
         return 1 if failed_ranks or report.world_size < options.min_ranks else 0
     finally:
         if owns_group:
-            dist.barrier()
-            dist.destroy_process_group()
+            shutdown_distributed()  # barrier, destroy, and free the groups before interpreter shutdown

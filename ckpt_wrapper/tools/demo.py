@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 
 # The public API, imported the way users would.
 from ckpt_wrapper import CheckpointWrapper, apply_activation_checkpointing, by_class_name
-from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.distributed import default_device, init_distributed, shutdown_distributed
 from ckpt_wrapper.measure import SavedBytes, held_after_forward
 from ckpt_wrapper.table import format_table
 from ckpt_wrapper.testing import ParityConfig, ParityReport, check_parity
@@ -207,8 +207,7 @@ def run(options: DemoOptions) -> int:
             dist.destroy_process_group()
         raise
     if world.owns_group:
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown_distributed()  # barrier, destroy, and free the groups before interpreter shutdown
     return status
 
 

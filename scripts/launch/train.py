@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 from ckpt_wrapper import apply_activation_checkpointing, by_class_name
-from ckpt_wrapper.distributed import default_device, init_distributed
+from ckpt_wrapper.distributed import default_device, init_distributed, shutdown_distributed
 from ckpt_wrapper.table import format_table
 from ckpt_wrapper.testing.data import counting_batch, lm_loss
 from ckpt_wrapper.testing.models import GPT, GPTConfig
@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             ("checkpoint", str(args.checkpoint_dir or "-")),
         ]
         print("summary\n" + format_table(rows, indent="  "), flush=True)
-    dist.barrier()  # leave together: a rank tearing down gloo while another still uses it can abort that one
-    dist.destroy_process_group()
+    # 4. Leave: drop what holds the process groups, then barrier, destroy and free them (see
+    #    shutdown_distributed: a group left to interpreter shutdown can abort a finished run).
+    del model, optimizer
+    shutdown_distributed()
     return 0
 
 

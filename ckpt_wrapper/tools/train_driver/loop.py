@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckpt_wrapper import by_class_name, every_nth
-from ckpt_wrapper.distributed import default_device, init_distributed, resolve_dtype
+from ckpt_wrapper.distributed import default_device, init_distributed, resolve_dtype, shutdown_distributed
 from ckpt_wrapper.testing.data import lm_loss
 from ckpt_wrapper.testing.recipes import shard_model
 from ckpt_wrapper.tools import flags
@@ -124,12 +124,10 @@ def run(args: argparse.Namespace) -> int:
         if owns_group:
             dist.destroy_process_group()
         raise
-    if dist.is_initialized():
-        # Every rank leaves together: a gloo peer that tears down its connections while another rank still
-        # uses the group can abort that rank ("terminate called without an active exception").
-        dist.barrier()
-        if owns_group or args.parallel == "accelerate":
-            dist.destroy_process_group()
+    if owns_group or args.parallel == "accelerate":
+        shutdown_distributed()  # barrier, destroy, and free the groups now: see its docstring for why
+    elif dist.is_initialized():
+        dist.barrier()  # the caller's group: leave together, and leave it to the caller to shut down
     return status
 
 
