@@ -76,6 +76,22 @@ def test_compiled_wrapped_model_matches_eager_inductor(make_gpt, batch, assert_s
     _compare_with_eager(make_gpt, batch, assert_same_grads)
 
 
+def _assert_compiled_like_eager(model, reference, batch, assert_same_grads, *, backend: str, scope: str) -> None:
+    """Compile ``model`` with ``fullgraph=True`` per block (torchtitan's recipe) or whole; a step gives
+    the eager ``reference``'s loss and gradients."""
+    loss_ref = reference.loss(*batch)
+    loss_ref.backward()
+    if scope == "per-block":
+        for block in model.layers:
+            block.compile(backend=backend, fullgraph=True)
+        loss = model.loss(*batch)
+        loss.backward()
+    else:
+        loss = _compiled_step(model, batch, backend=backend, fullgraph=True)
+    torch.testing.assert_close(loss, loss_ref)
+    assert_same_grads(model, reference, exact=False)
+
+
 def _selective(preset):
     import functools
 
@@ -107,17 +123,7 @@ def test_selective_checkpointing_compiles_with_fullgraph(make_gpt, batch, assert
     reference = make_gpt(n_layer=2)
     model = copy.deepcopy(reference)
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=_selective(policy), check_fn=by_class(Block))
-    loss_ref = reference.loss(*batch)
-    loss_ref.backward()
-    if scope == "per-block":
-        for block in model.layers:
-            block.compile(backend=backend, fullgraph=True)
-        loss = model.loss(*batch)
-        loss.backward()
-    else:
-        loss = _compiled_step(model, batch, backend=backend, fullgraph=True)
-    torch.testing.assert_close(loss, loss_ref)
-    assert_same_grads(model, reference, exact=False)
+    _assert_compiled_like_eager(model, reference, batch, assert_same_grads, backend=backend, scope=scope)
 
 
 def test_selective_context_fn_pickles() -> None:
@@ -158,17 +164,7 @@ def test_every_planner_strategy_compiles_with_fullgraph(make_gpt, batch, assert_
     model = copy.deepcopy(reference)
     for i, block in enumerate(model.layers):
         apply_strategy(block, strategy, fqn=f"layers.{i}")
-    loss_ref = reference.loss(*batch)
-    loss_ref.backward()
-    if scope == "per-block":
-        for block in model.layers:
-            block.compile(backend=backend, fullgraph=True)
-        loss = model.loss(*batch)
-        loss.backward()
-    else:
-        loss = _compiled_step(model, batch, backend=backend, fullgraph=True)
-    torch.testing.assert_close(loss, loss_ref)
-    assert_same_grads(model, reference, exact=False)
+    _assert_compiled_like_eager(model, reference, batch, assert_same_grads, backend=backend, scope=scope)
 
 
 @pytest.mark.parametrize("kind", ["offload", "checkpoint+offload"])
