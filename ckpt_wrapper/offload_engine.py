@@ -271,7 +271,14 @@ class OffloadEngine:
             return "kept_param"
         return None
 
-    def _streams_for(self, device: torch.device) -> tuple[Any, Any]:
+    def copy_streams(self, device: torch.device | str) -> tuple[Any, Any]:
+        """The CUDA streams this engine copies on for ``device``: (to the host, back to the device).
+
+        Made on first use. Read them to profile the copies or to order other work after them.
+        """
+        device = torch.device(device)
+        if device.index is None:  # "cuda" is the current device; tensors name it with its index
+            device = torch.device(device.type, torch.cuda.current_device())
         streams = self._streams.get(device)
         if streams is None:
             streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
@@ -304,7 +311,7 @@ class OffloadEngine:
         entry = _HostCopy(self, buffer, tensor, lo, nbytes)
         source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage, lo, (nbytes,))
         if cuda:
-            d2h, _ = self._streams_for(tensor.device)
+            d2h, _ = self.copy_streams(tensor.device)
             current = torch.cuda.current_stream(tensor.device)
             d2h.wait_stream(current)
             if ready is not None:  # the last copy back out of this buffer must have read it
@@ -335,7 +342,7 @@ class OffloadEngine:
         # Allocated on the stream that computes, so that compute reuses the memory once it is freed.
         restored = torch.empty(entry.nbytes, dtype=torch.uint8, device=entry.device)
         if entry.device.type == "cuda":
-            _, h2d = self._streams_for(entry.device)
+            _, h2d = self.copy_streams(entry.device)
             h2d.wait_stream(torch.cuda.current_stream(entry.device))  # work queued before may still use it
             if entry.d2h_done is not None:
                 h2d.wait_event(entry.d2h_done)
