@@ -8,10 +8,10 @@ synchronously.
 
 On CUDA, per saved tensor:
 - forward: the copy stream waits for the compute stream, copies the bytes the tensor spans into a
-  pooled pinned buffer and records an event. The engine holds the device tensor until the compute
-  stream has waited for that event, so its memory is reused in stream order, with no host
-  synchronization: at most ``max_in_flight`` copies are outstanding before compute waits on the
-  device for the oldest;
+  pooled pinned buffer and records an event. The engine holds the device tensor until its copy is
+  done (an event query, which does not wait) or until the compute stream has waited for the copy on
+  the device, so its memory is reused in stream order, with no host synchronization: at most
+  ``max_in_flight`` copies are outstanding before compute waits on the device for the oldest;
 - backward: restored memory is allocated on the compute stream (so compute reuses it once freed) and
   filled on a second copy stream. Every stream that reads it first waits for the copy and is recorded
   with the allocator. When backward first reaches a block, the block's own tensors are fetched in the
@@ -250,6 +250,8 @@ class OffloadEngine:
         self._last_frame = weakref.ref(frame)
         with torch.autograd.graph.saved_tensors_hooks(frame.pack, _unpack):
             yield
+        if self._in_flight:  # free what finished copying while the block ran
+            self._retire_copies_out()
 
     def clear_cache(self) -> None:
         """Release the pool's cached host buffers (say, before a phase without offload)."""
@@ -323,14 +325,22 @@ class OffloadEngine:
             # The source is held until its stream has waited for the copy: freed then, its memory is
             # reused in stream order, safely, without events for the allocator to poll.
             self._in_flight.append((entry.d2h_done, source, current))
-            while len(self._in_flight) > self.options.max_in_flight:
-                event, _, stream = self._in_flight.popleft()
-                stream.wait_event(event)  # on the device: the host runs on
+            self._retire_copies_out()
         else:
             buffer[:nbytes].copy_(source)
         self.stats.copies += 1
         self.stats.copied_bytes += nbytes
         return entry
+
+    def _retire_copies_out(self) -> None:
+        """Drop the sources whose copies are done (a query, not a wait); past ``max_in_flight``, let the
+        producing stream wait on the device for the oldest copy, and drop its source."""
+        in_flight = self._in_flight
+        while in_flight and in_flight[0][0].query():
+            in_flight.popleft()
+        while len(in_flight) > self.options.max_in_flight:
+            event, _, stream = in_flight.popleft()
+            stream.wait_event(event)  # on the device: the host runs on
 
     def _drain(self) -> None:
         """Let every stream that produced a tensor still being copied out wait for its copy, and drop it."""
