@@ -7,10 +7,10 @@ brings dozens), so the pool bounds itself:
 - **Size classes that serve larger requests.** Sizes are rounded up to a class; a request is served
   by the smallest free buffer of its class up to twice its class, so a step at a shorter length reuses
   the buffers of a longer one instead of pinning new ones.
-- **A default bound.** The pool never holds more bytes (in use plus cached) than the most it has had
-  in use at once, its high-water mark: caching more could never serve a step, since no step used more.
-  Over steps of growing shapes the pool therefore holds what the largest step needed, not the sum of
-  every step. ``max_bytes`` adds a hard cap.
+- **A default bound.** The pool never holds more bytes (in use plus cached) than twice the most it has
+  had in use at once (its high-water mark): enough for the buffers of two steps of different shapes
+  (alternating batch buckets) without pinning again, and over steps of many shapes it holds what the
+  two largest needed, not the sum of every step. ``max_bytes``, when given, is the bound instead.
 - **Least recently used eviction.** To stay within the bound, the buffers released longest ago go
   first.
 - **What is really pinned.** PyTorch's pinned allocator rounds each allocation up to a power of two
@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["HostPool"]
+__all__ = ["CACHE_FACTOR", "HostPool"]
 
+CACHE_FACTOR = 2
+"""Without ``max_bytes``, the pool holds at most this many times the most bytes it ever had in use at once."""
 _MIN_CLASS = 1 << 12
 _MIB = 1 << 20
 
@@ -42,8 +44,8 @@ class HostPool:
 
     Args:
         pin: allocate page-locked memory (only meaningful where CUDA is present).
-        max_bytes: a hard cap on the bytes held, in use plus cached; None for no cap beyond the default
-            bound (the most ever in use at once).
+        max_bytes: the bound on the bytes held, in use plus cached; None for the default bound
+            (``CACHE_FACTOR`` times the most ever in use at once).
 
     Example:
         >>> from ckpt_wrapper import HostPool
@@ -102,9 +104,7 @@ class HostPool:
             buffer, ready = found
             self._note_in_use(buffer.numel())
             return buffer, ready
-        bound = max(self.high_water_bytes, self.in_use_bytes + size)
-        if self.max_bytes is not None:
-            bound = min(bound, self.max_bytes)
+        bound = self._bound(self.in_use_bytes + size)
         if self.total_bytes + size > bound:
             self._evict(self.total_bytes + size - bound)
             if self.total_bytes + size > bound:
@@ -125,13 +125,19 @@ class HostPool:
             bisect.insort(self._sizes, size)
         bucket[token] = (buffer, ready)
         self._lru[token] = size
-        limit = self.max_bytes if self.max_bytes is not None else self.high_water_bytes
-        if self.total_bytes > limit:  # a cap lowered since, or nothing: stay within the bound
+        limit = self._bound(0)
+        if self.total_bytes > limit:  # a cap lowered since: stay within it
             self._evict(self.total_bytes - limit)
 
     def clear(self) -> None:
         """Drop every cached buffer (buffers in use are unaffected)."""
         self._evict(self.cached_bytes)
+
+    def _bound(self, in_use: int) -> int:
+        """The most bytes the pool may hold once ``in_use`` bytes are in use."""
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return CACHE_FACTOR * max(self.high_water_bytes, in_use)
 
     def _note_in_use(self, size: int) -> None:
         self.in_use_bytes += size

@@ -52,7 +52,8 @@ class _HostCopy:
     """
 
     __slots__ = ("engine", "buffer", "nbytes", "lo", "device", "version", "d2h_done", "h2d_done",
-                 "prefetched", "held", "restored", "waited", "live", "pending", "round", "__weakref__")
+                 "prefetched", "held", "restored", "restored_version", "waited", "live", "pending", "round",
+                 "__weakref__")
 
     def __init__(self, engine: OffloadEngine, buffer: torch.Tensor, source: torch.Tensor, lo: int, nbytes: int) -> None:
         self.engine = engine
@@ -65,7 +66,8 @@ class _HostCopy:
         self.h2d_done: Any = None
         self.prefetched: torch.Tensor | None = None
         self.held: torch.Tensor | None = None  # the device copy, until every saved tensor read it once
-        self.restored: weakref.ref | None = None  # its storage, while anything still uses it
+        self.restored: weakref.ref | None = None  # the device copy, while anything still uses it
+        self.restored_version = 0  # its version when restored: a later write into it is refused
         self.waited: set[int] = set()  # streams that waited for the copy back and were recorded
         self.live = 0  # saved tensors that refer to this copy
         self.pending = 0  # of those, not yet unpacked since the last restore
@@ -153,19 +155,24 @@ def _unpack(packed: Any) -> torch.Tensor:
         raise modified_error(packed.witness.type(), packed.size, packed.witness._version, packed.version, packed.frame)
     frame, entry = packed.frame, packed.entry
     engine = frame.engine
-    if not frame.started:
+    cold = entry.held is None and entry.prefetched is None and not _alive(entry)
+    if not frame.started or cold:  # backward reached this block (again, over a retained graph)
         frame.started = True
         engine._drain()
         if engine.options.prefetch:
             # This block's own tensors first, as backward needs them, then the block before it, which
-            # backward needs next.
+            # backward needs next (and whose own first unpack then fetches the block before it).
             frame.prefetch()
             previous = frame.previous() if frame.previous is not None else None
             if previous is not None:
+                previous.started = False
                 previous.prefetch()
-    storage = engine._restore(entry, packed)
-    tensor = torch.empty(0, dtype=packed.dtype, device=entry.device).set_(
-        storage, packed.offset, packed.size, packed.stride)
+    data = engine._restore(entry, packed)
+    if entry.nbytes % packed.dtype.itemsize == 0:
+        tensor = data.view(packed.dtype).as_strided(packed.size, packed.stride, packed.offset)
+    else:  # a span shared by tensors of another element size: rebuilt on the storage, unwatched
+        tensor = torch.empty(0, dtype=packed.dtype, device=entry.device).set_(
+            data.untyped_storage(), packed.offset, packed.size, packed.stride)
     engine._consume(entry, tensor)
     if packed.conj:
         tensor = tensor.conj()
@@ -206,6 +213,7 @@ class OffloadEngine:
         # Copies out not yet waited for by the stream that produced their source: (event, source, stream).
         self._in_flight: collections.deque[tuple[Any, torch.Tensor, Any]] = collections.deque()
         self._last_frame: Any = None
+        self._chain: set[int] = set()  # the blocks of the forward in progress (ids)
         self._said_no_accelerator = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -246,12 +254,19 @@ class OffloadEngine:
     def saving(self, module: nn.Module) -> Iterator[None]:
         """Within this context, what autograd saves goes through the engine (``module``'s own
         parameters and buffers excepted)."""
+        # Frames chain block to block within one forward; a block seen again starts a new chain (the next
+        # forward), so backward never prefetches another graph's tensors.
+        if id(module) in self._chain:
+            self._chain, self._last_frame = set(), None
+        self._chain.add(id(module))
         frame = _Frame(self, module, self._last_frame)
         self._last_frame = weakref.ref(frame)
-        with torch.autograd.graph.saved_tensors_hooks(frame.pack, _unpack):
-            yield
-        if self._in_flight:  # free what finished copying while the block ran
-            self._retire_copies_out()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(frame.pack, _unpack):
+                yield
+        finally:
+            if self._in_flight:  # free what finished copying while the block ran
+                self._retire_copies_out()
 
     def clear_cache(self) -> None:
         """Release the pool's cached host buffers (say, before a phase without offload)."""
@@ -371,25 +386,31 @@ class OffloadEngine:
             self.stats.restores += 1
         return restored
 
-    def _restore(self, entry: _HostCopy, saved: SavedCopy) -> torch.UntypedStorage:
-        """The device storage ``saved`` reads: the live restored copy, or a new one."""
-        storage = entry.held.untyped_storage() if entry.held is not None else None
-        if storage is None and entry.restored is not None:
-            storage = entry.restored()
-        if storage is None:  # first use, or every earlier copy back is gone (retain_graph)
+    def _restore(self, entry: _HostCopy, saved: SavedCopy) -> torch.Tensor:
+        """The device copy of the span ``saved`` lies in (uint8): the live restored one, or a new one.
+
+        Every tensor unpacked from it is a view of it, so they share its version counter: a write into
+        one (a gradient that aliases a saved tensor, accumulated into) is seen at the next unpack.
+        """
+        data = entry.held
+        if data is None and entry.restored is not None:
+            data = entry.restored()
+        if data is None:  # first use, or every earlier copy back is gone (retain_graph)
             data = entry.prefetched if entry.prefetched is not None else self._copy_in(entry, prefetch=False)
             entry.prefetched = None
             entry.held = data
             entry.round += 1
             entry.pending = entry.live
-            storage = data.untyped_storage()
-            entry.restored = weakref.ref(storage)
+            entry.restored = weakref.ref(data)
+            entry.restored_version = data._version
+        elif data._version != entry.restored_version:
+            raise modified_error(saved.witness.type(), saved.size, data._version, entry.restored_version, saved.frame)
         if saved.round != entry.round:
             saved.round = entry.round
             entry.pending -= 1
             if entry.pending <= 0:  # every saved tensor of the span has read it: from now on, held weakly
                 entry.held = None
-        return storage
+        return data
 
     def _consume(self, entry: _HostCopy, tensor: torch.Tensor) -> None:
         """Order the stream about to read ``tensor`` after its copy back, and tell the allocator it reads."""

@@ -25,8 +25,8 @@ class OffloadOptions:
     cpu_copy: bool = False
     """On CPU, copy into separate host buffers anyway (a test mode: it frees nothing)."""
     max_host_bytes: int | None = None
-    """Hard cap on host buffer bytes the pool holds (in use plus cached); None for the default bound only
-    (the most the pool ever had in use at once)."""
+    """The bound on host buffer bytes the pool holds (in use plus cached); None for the default bound, twice
+    the most the pool ever had in use at once (``ckpt_wrapper.host_pool``)."""
     on_host_full: Literal["keep", "raise"] = "keep"
     """At the cap: keep the tensor on the device (``keep``) or raise ``RuntimeError`` (``raise``)."""
     max_in_flight: int = 32
@@ -35,6 +35,12 @@ class OffloadOptions:
     """In backward, copy the previous block's tensors back while the current block computes."""
 
     def __post_init__(self) -> None:
+        for name in ("pin_memory", "cpu_copy", "prefetch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("min_bytes", "max_host_bytes", "max_in_flight"):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
         if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
             raise ValueError(f"min_bytes must be a non-negative int, got {self.min_bytes!r}")
         if self.max_host_bytes is not None and (not isinstance(self.max_host_bytes, int) or self.max_host_bytes < 0):
