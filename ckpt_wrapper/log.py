@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["ALL_RANKS_ENV", "PACKAGE", "RankZeroFilter", "current_rank", "get_logger"]
+__all__ = ["ALL_RANKS_ENV", "PACKAGE", "RankZeroFilter", "caller_stacklevel", "current_rank", "get_logger"]
 
 PACKAGE = "ckpt_wrapper"
 """Name of the package logger; every module's logger is a child of it."""
@@ -103,3 +105,37 @@ class RankZeroFilter(logging.Filter):
         if rank == 0 or getattr(record, "all_ranks", False):
             return True
         return self.all_ranks if self.all_ranks is not None else _env_asks_all_ranks()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONSUMER_DIRS = tuple(os.path.join(_PACKAGE_DIR, sub) + os.sep for sub in ("testing", "tools"))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _internal(filename: str) -> bool:
+    """Frames a warning should not be attributed to: ckpt_wrapper's library code and PyTorch's.
+
+    ``ckpt_wrapper.testing`` and ``ckpt_wrapper.tools`` call blocks as user code does (their models,
+    the driver), so their frames count as the caller.
+    """
+    path = os.path.abspath(filename) if not filename.startswith("<") else filename
+    if path.startswith(_TORCH_DIR):
+        return True
+    return path.startswith(_PACKAGE_DIR) and not path.startswith(_CONSUMER_DIRS)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that names the first frame
+    outside ckpt_wrapper and PyTorch (the code that called the block), however many hooks lie between.
+
+    Example:
+        >>> from ckpt_wrapper.log import caller_stacklevel
+        >>> caller_stacklevel()  # called from outside the package: the caller itself
+        1
+    """
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level

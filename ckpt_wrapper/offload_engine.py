@@ -1,17 +1,21 @@
-"""The offload engine: saved tensors to reusable host buffers, copied on side streams, prefetched back.
+"""The offload engine: saved tensors to reusable host buffers, copied on side streams, fetched back.
 
 One ``OffloadEngine`` serves every block that offloads through it, so they share one host buffer pool
-and backward can prefetch the next block's tensors while the current one computes. Device-agnostic
-logic (selection, de-duplication, pooling, restore, accounting) runs on CPU too; the CUDA parts are
-the streams and events, and nothing else.
+(``ckpt_wrapper.host_pool``) and backward can prefetch one block's tensors while another computes.
+The device-agnostic logic (selection, spans, de-duplication, version checks, pooling, restore and its
+lifetime) runs on CPU too; CUDA adds streams and events, and nothing else. Other accelerators copy
+synchronously.
 
 On CUDA, per saved tensor:
-- forward: the copy stream waits for the compute stream, copies the tensor's storage into a pooled
-  pinned buffer, records an event; ``record_stream`` tells the caching allocator the device memory is in
-  use by the copy, so it is reused once the copy is done and not before, and the GPU tensor itself is
-  released at once;
-- backward: the first time a block's tensors are needed, the previous block's are prefetched on a second
-  stream; the compute stream waits only on the events of the tensors it uses.
+- forward: the copy stream waits for the compute stream, copies the bytes the tensor spans into a
+  pooled pinned buffer and records an event. The engine holds the device tensor until its copy is
+  done (an event query, which does not wait) or until the compute stream has waited for the copy on
+  the device, so its memory is reused in stream order, with no host synchronization: at most
+  ``max_in_flight`` copies are outstanding before compute waits on the device for the oldest;
+- backward: restored memory is allocated on the compute stream (so compute reuses it once freed) and
+  filled on a second copy stream. Every stream that reads it first waits for the copy and is recorded
+  with the allocator. When backward first reaches a block, the block's own tensors are fetched in the
+  order backward needs them (last saved first), then those of the block before it.
 """
 
 from __future__ import annotations
@@ -19,174 +23,59 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import dataclasses
 import itertools
-import os
-import sys
 import warnings
 import weakref
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ckpt_wrapper.log import get_logger
+from ckpt_wrapper.host_pool import HostPool
+from ckpt_wrapper.offload_options import OffloadOptions, OffloadStats
+from ckpt_wrapper.offload_records import KeptTensor, SavedCopy, byte_span, modified_error
+from ckpt_wrapper.log import caller_stacklevel, current_rank, get_logger
 
 logger = get_logger(__name__)
 
 __all__ = ["OffloadOptions", "OffloadStats", "OffloadEngine", "HostPool"]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OffloadOptions:
-    """How saved tensors are chosen, bounded and moved."""
+class _HostCopy:
+    """The host copy of one span of one device storage, shared by the saved tensors that lie in it.
 
-    min_bytes: int = 1 << 16
-    """Tensors smaller than this stay on the device: their copies cost more than they free."""
-    pin_memory: bool = True
-    """Copy into page-locked host memory (only where an accelerator is present)."""
-    cpu_copy: bool = False
-    """On CPU, copy into separate host buffers anyway (a test mode: it frees nothing)."""
-    max_host_bytes: int | None = None
-    """Cap on host buffer bytes the pool holds (in use plus cached); None for no cap."""
-    on_host_full: Literal["keep", "raise"] = "keep"
-    """At the cap: keep the tensor on the device (``keep``) or raise ``RuntimeError`` (``raise``)."""
-    max_in_flight: int = 32
-    """Device-to-host copies that may be outstanding before the next one waits for the oldest."""
-    prefetch: bool = True
-    """In backward, copy the previous block's tensors back while the current block computes."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
-            raise ValueError(f"min_bytes must be a non-negative int, got {self.min_bytes!r}")
-        if self.max_host_bytes is not None and (not isinstance(self.max_host_bytes, int) or self.max_host_bytes < 0):
-            raise ValueError(f"max_host_bytes must be None or a non-negative int, got {self.max_host_bytes!r}")
-        if self.on_host_full not in ("keep", "raise"):
-            raise ValueError(f"on_host_full must be 'keep' or 'raise', got {self.on_host_full!r}")
-        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be an int >= 1, got {self.max_in_flight!r}")
-
-
-@dataclasses.dataclass
-class OffloadStats:
-    """Counters an engine keeps; ``reset()`` zeroes them."""
-
-    copies: int = 0
-    """Storages copied to the host."""
-    copied_bytes: int = 0
-    """Bytes copied to the host."""
-    shared: int = 0
-    """Saved tensors that reused another's copy (same storage, unchanged)."""
-    kept_small: int = 0
-    """Tensors kept on the device for being under ``min_bytes``."""
-    kept_param: int = 0
-    """Parameters, buffers, their views and other leaves that require grad, kept where they are."""
-    kept_on_host: int = 0
-    """Tensors already in host memory (nothing to gain from copying them)."""
-    kept_host_full: int = 0
-    """Tensors kept on the device because the host cap was reached."""
-    restores: int = 0
-    """Host-to-device copies made when a tensor was needed and not prefetched."""
-    prefetched: int = 0
-    """Host-to-device copies started ahead of need."""
-
-    def reset(self) -> None:
-        """Zero every counter."""
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, 0)
-
-
-class HostPool:
-    """Host buffers kept for reuse: pinning memory is slow, reusing it is free.
-
-    Sizes are rounded up (powers of two to 1 MiB, then 1 MiB steps) so buffers fit later tensors
-    of about the same size. A buffer is reused only once the last copy out of it has finished.
+    The device copy made in backward is held strongly until every saved tensor of the span has been
+    unpacked once, then only weakly: it lives exactly as long as backward still uses it, with or without
+    ``retain_graph``, and a later backward over a retained graph restores it again from the host.
     """
 
-    def __init__(self, *, pin: bool, max_bytes: int | None) -> None:
-        self.pin = pin
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[tuple[torch.Tensor, Any]]] = collections.defaultdict(list)
-        self.in_use_bytes = 0
-        self.cached_bytes = 0
+    __slots__ = ("engine", "buffer", "nbytes", "lo", "device", "version", "d2h_done", "h2d_done",
+                 "prefetched", "held", "restored", "restored_version", "waited", "live", "pending", "round",
+                 "__weakref__")
 
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of host memory the pool holds, in use and cached."""
-        return self.in_use_bytes + self.cached_bytes
-
-    @staticmethod
-    def _size_class(nbytes: int) -> int:
-        if nbytes <= 1 << 20:
-            return max(1 << 12, 1 << (max(nbytes, 1) - 1).bit_length())
-        return -(-nbytes // (1 << 20)) * (1 << 20)
-
-    def acquire(self, nbytes: int) -> torch.Tensor | None:
-        """A uint8 host buffer of at least ``nbytes``, or None when the cap forbids one."""
-        size = self._size_class(nbytes)
-        free = self._free.get(size)
-        if free:
-            buffer, ready = free.pop()
-            if ready is not None:
-                ready.synchronize()
-            self.cached_bytes -= size
-            self.in_use_bytes += size
-            return buffer
-        if self.max_bytes is not None and self.total_bytes + size > self.max_bytes:
-            self._evict(self.total_bytes + size - self.max_bytes)
-            if self.total_bytes + size > self.max_bytes:
-                return None
-        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
-        self.in_use_bytes += size
-        return buffer
-
-    def release(self, buffer: torch.Tensor, ready: Any = None) -> None:
-        """Return ``buffer``; ``ready`` is an event after which nothing reads or writes it."""
-        size = buffer.numel()
-        self.in_use_bytes -= size
-        self.cached_bytes += size
-        self._free[size].append((buffer, ready))
-
-    def _evict(self, need: int) -> None:
-        for size in sorted(self._free, reverse=True):
-            while self._free[size] and need > 0:
-                buffer, ready = self._free[size].pop()
-                if ready is not None:
-                    ready.synchronize()
-                self.cached_bytes -= size
-                need -= size
-
-    def clear(self) -> None:
-        """Drop every cached buffer (buffers in use are unaffected)."""
-        self._evict(self.cached_bytes + 1)
-        self._free.clear()
-
-
-class _HostCopy:
-    """The host copy of one device storage, shared by every saved tensor that views it."""
-
-    __slots__ = ("engine", "buffer", "nbytes", "device", "version", "d2h_done", "h2d_done",
-                 "prefetched", "restored", "__weakref__")
-
-    def __init__(self, engine: OffloadEngine, buffer: torch.Tensor, source: torch.Tensor, nbytes: int) -> None:
+    def __init__(self, engine: OffloadEngine, buffer: torch.Tensor, source: torch.Tensor, lo: int, nbytes: int) -> None:
         self.engine = engine
         self.buffer = buffer
         self.nbytes = nbytes
+        self.lo = lo  # byte offset of the span in the source storage
         self.device = source.device  # the source itself is not held: freeing it is the point
         self.version = source._version
         self.d2h_done: Any = None
         self.h2d_done: Any = None
         self.prefetched: torch.Tensor | None = None
-        # The device copy, once backward has asked for it. Held as long as this entry is, i.e. until the
-        # last saved view of the storage is released: the lifetime the storage had without offload, and
-        # a second node saving a view of it finds it here instead of copying it back again.
-        self.restored: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None  # the device copy, until every saved tensor read it once
+        self.restored: weakref.ref | None = None  # the device copy, while anything still uses it
+        self.restored_version = 0  # its version when restored: a later write into it is refused
+        self.waited: set[int] = set()  # streams that waited for the copy back and were recorded
+        self.live = 0  # saved tensors that refer to this copy
+        self.pending = 0  # of those, not yet unpacked since the last restore
+        self.round = 0  # restores so far
 
     def __del__(self) -> None:
         # The graph that held this copy is gone (backward ran, or the forward was abandoned): the
-        # buffer goes back to the pool, to be reused once the last copy touching it has finished.
+        # buffer goes back to the pool, to be written again once the last copy reading it is done.
         try:
             self.engine.pool.release(self.buffer, self.h2d_done or self.d2h_done)
         except Exception:  # interpreter shutdown: nothing left to return buffers to
@@ -196,17 +85,19 @@ class _HostCopy:
 class _Frame:
     """The copies made during one forward of one block, linked to the block that ran before it."""
 
-    __slots__ = ("engine", "keep", "copies", "previous", "started", "__weakref__")
+    __slots__ = ("engine", "module", "keep", "copies", "order", "previous", "started", "__weakref__")
 
     def __init__(self, engine: OffloadEngine, module: nn.Module, previous: Any) -> None:
         self.engine = engine
+        self.module = weakref.ref(module)
         self.keep: set[int] = set()
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             with contextlib.suppress(RuntimeError, NotImplementedError):  # tensor subclasses without storage
                 self.keep.add(tensor.untyped_storage().data_ptr())
         # Keyed by a weak reference to the storage itself: alive while any view of it is, so a dead
         # first view neither hides a live storage nor lets a recycled address pose as the old one.
-        self.copies: dict[StorageWeakRef, tuple[StorageWeakRef, weakref.ref[_HostCopy]]] = {}
+        self.copies: dict[StorageWeakRef, tuple[StorageWeakRef, list[weakref.ref[_HostCopy]]]] = {}
+        self.order: list[weakref.ref[_HostCopy]] = []  # in the order forward saved them
         self.previous = previous  # weakref to the frame of the block that ran before, or None
         self.started = False
 
@@ -215,44 +106,79 @@ class _Frame:
         why = engine._keep_reason(tensor, self.keep)
         if why is not None:
             setattr(engine.stats, why, getattr(engine.stats, why) + 1)
-            return tensor
+            return KeptTensor(self, tensor)
         storage = tensor.untyped_storage()
+        lo, hi = byte_span(tensor, storage.nbytes())
+        if hi - lo < engine.options.min_bytes:
+            engine.stats.kept_small += 1
+            return KeptTensor(self, tensor)
         key = StorageWeakRef(storage)
-        stored_key, entry_ref = self.copies.get(key, (None, None))
-        # The stored key, not the new one: a dead storage's address may have been handed out again.
-        entry = entry_ref() if stored_key is not None and not stored_key.expired() else None
-        if entry is not None and entry.version == tensor._version:
-            engine.stats.shared += 1
+        stored_key, refs = self.copies.get(key, (None, None))
+        if stored_key is not None and stored_key.expired():  # a dead storage's address handed out again
+            stored_key, refs = None, None
+        element = tensor.element_size()
+        for ref in refs or ():
+            entry = ref()
+            if (entry is not None and entry.version == tensor._version and entry.lo <= lo
+                    and hi <= entry.lo + entry.nbytes and (lo - entry.lo) % element == 0):
+                engine.stats.shared += 1
+                return SavedCopy(self, entry, tensor, tensor.storage_offset() - entry.lo // element)
+        entry = engine._copy_out(tensor, storage, lo, hi)
+        if entry is None:
+            return KeptTensor(self, tensor)  # the host cap was reached; on_host_full="keep"
+        ref = weakref.ref(entry)
+        if refs is None:
+            self.copies[key] = (key, [ref])
         else:
-            entry = engine._copy_out(tensor, storage)
-            if entry is None:
-                return tensor  # the host cap was reached; on_host_full="keep"
-            self.copies[key] = (key, weakref.ref(entry))
-        return (self, entry, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride())
+            refs.append(ref)
+        self.order.append(ref)
+        return SavedCopy(self, entry, tensor, tensor.storage_offset() - lo // element)
 
     def prefetch(self) -> None:
-        for _, ref in self.copies.values():
+        for ref in reversed(self.order):  # backward needs the last saved first
             entry = ref()
-            if entry is not None and entry.prefetched is None and entry.restored is None:
+            if entry is not None and entry.prefetched is None and entry.held is None and not _alive(entry):
                 self.engine._copy_in(entry, prefetch=True)
 
 
+def _alive(entry: _HostCopy) -> bool:
+    return entry.restored is not None and entry.restored() is not None
+
+
 def _unpack(packed: Any) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    frame, entry, dtype, offset, size, stride = packed
+    if type(packed) is KeptTensor:
+        tensor = packed.tensor
+        if tensor._version != packed.version:
+            raise modified_error(tensor.type(), tensor.size(), tensor._version, packed.version, packed.frame)
+        return tensor
+    if packed.witness._version != packed.version:
+        raise modified_error(packed.witness.type(), packed.size, packed.witness._version, packed.version, packed.frame)
+    frame, entry = packed.frame, packed.entry
     engine = frame.engine
-    if not frame.started:
+    cold = entry.held is None and entry.prefetched is None and not _alive(entry)
+    if not frame.started or cold:  # backward reached this block (again, over a retained graph)
         frame.started = True
+        engine._drain()
         if engine.options.prefetch:
-            # This block's own tensors first: backward needs them now, and copies back run in order
-            # on one stream. Then the block before it, which backward needs next.
+            # This block's own tensors first, as backward needs them, then the block before it, which
+            # backward needs next (and whose own first unpack then fetches the block before it).
             frame.prefetch()
             previous = frame.previous() if frame.previous is not None else None
             if previous is not None:
+                previous.started = False
                 previous.prefetch()
-    raw = engine._device_storage(entry)
-    return torch.empty(0, dtype=dtype, device=entry.device).set_(raw, offset, size, stride)
+    data = engine._restore(entry, packed)
+    if entry.nbytes % packed.dtype.itemsize == 0:
+        tensor = data.view(packed.dtype).as_strided(packed.size, packed.stride, packed.offset)
+    else:  # a span shared by tensors of another element size: rebuilt on the storage, unwatched
+        tensor = torch.empty(0, dtype=packed.dtype, device=entry.device).set_(
+            data.untyped_storage(), packed.offset, packed.size, packed.stride)
+    engine._consume(entry, tensor)
+    if packed.conj:
+        tensor = tensor.conj()
+    if packed.neg:
+        tensor = torch._neg_view(tensor)
+    return tensor
 
 
 class OffloadEngine:
@@ -284,8 +210,10 @@ class OffloadEngine:
         pin = self.options.pin_memory and torch.cuda.is_available()
         self.pool = HostPool(pin=pin, max_bytes=self.options.max_host_bytes)
         self._streams: dict[torch.device, tuple[Any, Any]] = {}
-        self._in_flight: collections.deque[Any] = collections.deque()
+        # Copies out not yet waited for by the stream that produced their source: (event, source, stream).
+        self._in_flight: collections.deque[tuple[Any, torch.Tensor, Any]] = collections.deque()
         self._last_frame: Any = None
+        self._chain: set[int] = set()  # the blocks of the forward in progress (ids)
         self._said_no_accelerator = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -312,13 +240,13 @@ class OffloadEngine:
             return True
         if not self._said_no_accelerator:
             self._said_no_accelerator = True
-            if not _on_rank_zero():  # every rank would say the same: rank 0 says it for the launch
+            if current_rank() != 0:  # every rank would say the same: rank 0 says it for the launch
                 return False
             warnings.warn(
                 "ckpt_wrapper: offload of a block in host memory has nothing to free; it runs without "
                 "offload. Pass cpu_copy=True to exercise the copies on CPU.",
                 UserWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
         return False
 
@@ -326,14 +254,29 @@ class OffloadEngine:
     def saving(self, module: nn.Module) -> Iterator[None]:
         """Within this context, what autograd saves goes through the engine (``module``'s own
         parameters and buffers excepted)."""
+        # Frames chain block to block within one forward; a block seen again starts a new chain (the next
+        # forward), so backward never prefetches another graph's tensors.
+        if id(module) in self._chain:
+            self._chain, self._last_frame = set(), None
+        self._chain.add(id(module))
         frame = _Frame(self, module, self._last_frame)
         self._last_frame = weakref.ref(frame)
-        with torch.autograd.graph.saved_tensors_hooks(frame.pack, _unpack):
-            yield
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(frame.pack, _unpack):
+                yield
+        finally:
+            if self._in_flight:  # free what finished copying while the block ran
+                self._retire_copies_out()
+
+    def clear_cache(self) -> None:
+        """Release the pool's cached host buffers (say, before a phase without offload)."""
+        self.pool.clear()
 
     def _keep_reason(self, tensor: torch.Tensor, keep: set[int]) -> str | None:
+        if tensor.layout != torch.strided or tensor.is_nested:
+            return "kept_layout"
         # Parameters are never offloaded; subclasses (DTensor, FakeTensor) manage their own storage.
-        if type(tensor) is not torch.Tensor or tensor.is_sparse or tensor.device.type == "meta":
+        if type(tensor) is not torch.Tensor or tensor.device.type == "meta":
             return "kept_param"
         if tensor.device.type == "cpu" and not self.options.cpu_copy:
             return "kept_on_host"
@@ -343,20 +286,33 @@ class OffloadEngine:
         base = tensor._base if tensor._base is not None else tensor
         if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad) or tensor.untyped_storage().data_ptr() in keep:
             return "kept_param"
-        if tensor.numel() * tensor.element_size() < self.options.min_bytes:
-            return "kept_small"
         return None
 
-    def _streams_for(self, device: torch.device) -> tuple[Any, Any]:
+    def copy_streams(self, device: torch.device | str) -> tuple[Any, Any]:
+        """The CUDA streams this engine copies on for ``device``: (to the host, back to the device).
+
+        Made on first use. Read them to profile the copies or to order other work after them.
+        """
+        device = torch.device(device)
+        if device.index is None:  # "cuda" is the current device; tensors name it with its index
+            device = torch.device(device.type, torch.cuda.current_device())
         streams = self._streams.get(device)
         if streams is None:
             streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
             self._streams[device] = streams
         return streams
 
-    def _copy_out(self, tensor: torch.Tensor, storage: torch.UntypedStorage) -> _HostCopy | None:
-        nbytes = storage.nbytes()
-        buffer = self.pool.acquire(nbytes)
+    def _copy_out(self, tensor: torch.Tensor, storage: torch.UntypedStorage, lo: int, hi: int) -> _HostCopy | None:
+        nbytes = hi - lo
+        cuda = tensor.device.type == "cuda"
+        if cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "ckpt_wrapper offload cannot run inside CUDA graph capture (torch.compile with "
+                "mode='reduce-overhead', or torch.cuda.graph): its copies go to host memory on side streams, "
+                "which a graph cannot replay. Compile this model with mode='default' or "
+                "'max-autotune-no-cudagraphs', or checkpoint these blocks instead of offloading them."
+            )
+        buffer, ready = self.pool.acquire(nbytes)
         if buffer is None:
             if self.options.on_host_full == "raise":
                 raise RuntimeError(
@@ -369,38 +325,60 @@ class OffloadEngine:
             logger.debug("host buffer cap %s reached (%d bytes held): %d bytes stay on %s",
                          self.options.max_host_bytes, self.pool.total_bytes, nbytes, tensor.device)
             return None
-        entry = _HostCopy(self, buffer, tensor, nbytes)
-        flat = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-        if tensor.device.type == "cuda":
-            d2h, _ = self._streams_for(tensor.device)
-            d2h.wait_stream(torch.cuda.current_stream(tensor.device))
+        entry = _HostCopy(self, buffer, tensor, lo, nbytes)
+        source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage, lo, (nbytes,))
+        if cuda:
+            d2h, _ = self.copy_streams(tensor.device)
+            current = torch.cuda.current_stream(tensor.device)
+            d2h.wait_stream(current)
+            if ready is not None:  # the last copy back out of this buffer must have read it
+                d2h.wait_event(ready)
             with torch.cuda.stream(d2h):
-                buffer[:nbytes].copy_(flat, non_blocking=True)
+                buffer[:nbytes].copy_(source, non_blocking=True)
                 entry.d2h_done = torch.cuda.Event()
                 entry.d2h_done.record(d2h)
-            # The caching allocator may hand this memory out again only after the copy has read it.
-            flat.record_stream(d2h)
-            self._in_flight.append(entry.d2h_done)
-            while self._in_flight and (len(self._in_flight) > self.options.max_in_flight or self._in_flight[0].query()):
-                self._in_flight.popleft().synchronize()
+            # The source is held until its stream has waited for the copy: freed then, its memory is
+            # reused in stream order, safely, without events for the allocator to poll.
+            self._in_flight.append((entry.d2h_done, source, current))
+            self._retire_copies_out()
         else:
-            buffer[:nbytes].copy_(flat)
+            buffer[:nbytes].copy_(source)
         self.stats.copies += 1
         self.stats.copied_bytes += nbytes
         return entry
 
+    def _retire_copies_out(self) -> None:
+        """Drop the sources whose copies are done (a query, not a wait); past ``max_in_flight``, let the
+        producing stream wait on the device for the oldest copy, and drop its source."""
+        in_flight = self._in_flight
+        while in_flight and in_flight[0][0].query():
+            in_flight.popleft()
+        while len(in_flight) > self.options.max_in_flight:
+            event, _, stream = in_flight.popleft()
+            stream.wait_event(event)  # on the device: the host runs on
+
+    def _drain(self) -> None:
+        """Let every stream that produced a tensor still being copied out wait for its copy, and drop it."""
+        while self._in_flight:
+            event, _, stream = self._in_flight.popleft()
+            stream.wait_event(event)
+
     def _copy_in(self, entry: _HostCopy, *, prefetch: bool) -> torch.Tensor:
+        # Allocated on the stream that computes, so that compute reuses the memory once it is freed.
+        restored = torch.empty(entry.nbytes, dtype=torch.uint8, device=entry.device)
         if entry.device.type == "cuda":
-            _, h2d = self._streams_for(entry.device)
+            _, h2d = self.copy_streams(entry.device)
+            h2d.wait_stream(torch.cuda.current_stream(entry.device))  # work queued before may still use it
+            if entry.d2h_done is not None:
+                h2d.wait_event(entry.d2h_done)
             with torch.cuda.stream(h2d):
-                if entry.d2h_done is not None:
-                    h2d.wait_event(entry.d2h_done)
-                restored = torch.empty(entry.nbytes, dtype=torch.uint8, device=entry.device)
                 restored.copy_(entry.buffer[: entry.nbytes], non_blocking=True)
                 entry.h2d_done = torch.cuda.Event()
                 entry.h2d_done.record(h2d)
+            restored.record_stream(h2d)  # freed before anything reads it: not before the copy is done
         else:
-            restored = entry.buffer[: entry.nbytes].clone()
+            restored.copy_(entry.buffer[: entry.nbytes])
+        entry.waited = set()
         if prefetch:
             entry.prefetched = restored
             self.stats.prefetched += 1
@@ -408,55 +386,38 @@ class OffloadEngine:
             self.stats.restores += 1
         return restored
 
-    def _device_storage(self, entry: _HostCopy) -> torch.UntypedStorage:
-        if entry.restored is not None:  # another view of this storage was unpacked already
-            return entry.restored.untyped_storage()
-        restored = entry.prefetched if entry.prefetched is not None else self._copy_in(entry, prefetch=False)
-        entry.prefetched = None
-        entry.restored = restored
-        if entry.device.type == "cuda":
-            current = torch.cuda.current_stream(entry.device)
+    def _restore(self, entry: _HostCopy, saved: SavedCopy) -> torch.Tensor:
+        """The device copy of the span ``saved`` lies in (uint8): the live restored one, or a new one.
+
+        Every tensor unpacked from it is a view of it, so they share its version counter: a write into
+        one (a gradient that aliases a saved tensor, accumulated into) is seen at the next unpack.
+        """
+        data = entry.held
+        if data is None and entry.restored is not None:
+            data = entry.restored()
+        if data is None:  # first use, or every earlier copy back is gone (retain_graph)
+            data = entry.prefetched if entry.prefetched is not None else self._copy_in(entry, prefetch=False)
+            entry.prefetched = None
+            entry.held = data
+            entry.round += 1
+            entry.pending = entry.live
+            entry.restored = weakref.ref(data)
+            entry.restored_version = data._version
+        elif data._version != entry.restored_version:
+            raise modified_error(saved.witness.type(), saved.size, data._version, entry.restored_version, saved.frame)
+        if saved.round != entry.round:
+            saved.round = entry.round
+            entry.pending -= 1
+            if entry.pending <= 0:  # every saved tensor of the span has read it: from now on, held weakly
+                entry.held = None
+        return data
+
+    def _consume(self, entry: _HostCopy, tensor: torch.Tensor) -> None:
+        """Order the stream about to read ``tensor`` after its copy back, and tell the allocator it reads."""
+        if entry.device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(entry.device)
+        if current.cuda_stream not in entry.waited:
+            entry.waited.add(current.cuda_stream)
             current.wait_event(entry.h2d_done)
-            restored.record_stream(current)
-        return restored.untyped_storage()
-
-    def clear_cache(self) -> None:
-        """Release the pool's cached host buffers (say, before a phase without offload)."""
-        self.pool.clear()
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_CONSUMER_DIRS = tuple(os.path.join(_PACKAGE_DIR, sub) + os.sep for sub in ("testing", "tools"))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-
-
-def _internal(filename: str) -> bool:
-    """Frames a warning should not be attributed to: ckpt_wrapper's library code and PyTorch's.
-
-    ``ckpt_wrapper.testing`` and ``ckpt_wrapper.tools`` call blocks as user code does (their models,
-    the driver), so their frames count as the caller.
-    """
-    path = os.path.abspath(filename) if not filename.startswith("<") else filename
-    if path.startswith(_TORCH_DIR):
-        return True
-    return path.startswith(_PACKAGE_DIR) and not path.startswith(_CONSUMER_DIRS)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that names the first frame
-    outside ckpt_wrapper and PyTorch (the code that called the block), however many hooks lie between.
-    """
-    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
-    level = 1
-    while frame is not None and _internal(frame.f_code.co_filename):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
-def _on_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
+            tensor.record_stream(current)

@@ -26,6 +26,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ckpt_wrapper import (
@@ -378,3 +379,225 @@ def test_host_buffers_are_pinned_on_cuda(pin_memory) -> None:
         assert buffer.device.type == "cpu" and buffer.is_pinned() is pin_memory
     finally:
         engine.pool.release(buffer)
+
+
+# --- (e) races, host synchronization, pinned memory, capture ----------------------------------------------
+# Each of these caught a defect of the engine before its rework, or guards the change that fixed it; the
+# CPU halves of the same checks are in test_offload_safety.py.
+
+SLEEP_CYCLES = 200_000_000
+"""About 0.1 s of GPU time: long enough that any read not ordered after a copy reads before it lands."""
+
+
+def _scribble() -> None:
+    """Fill the allocator's free blocks with NaN, so memory read before it is written cannot hold the old values."""
+    free = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if free > 0:
+        torch.full((free // 4,), float("nan"), device="cuda")
+
+
+class TwoStreams(nn.Module):
+    """Saves one tensor from two streams: ``sin`` on a side stream, ``cos`` on the current one (a shared expert
+    beside the routed ones, say). Backward unpacks it on both."""
+
+    streams: dict[str, torch.cuda.Stream] = {}  # one side stream, made on first use (streams do not deep-copy)
+
+    def __init__(self, width: int = 1024) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.streams.setdefault("side", torch.cuda.Stream())
+        h = self.lin(x)
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            a = h.sin()
+        h.record_stream(side)
+        b = h.cos()
+        main.wait_stream(side)
+        a.record_stream(main)
+        return a * b
+
+
+def test_a_storage_unpacked_on_two_streams_is_read_after_its_copy_on_both(deterministic) -> None:
+    """The second stream to unpack a restored storage did not wait for its copy back, nor was it recorded with
+    the allocator: with the copy delayed, it read NaN."""
+    torch.manual_seed(0)
+    reference = TwoStreams().cuda()
+    block = offload_wrapper(copy.deepcopy(reference), min_bytes=0, prefetch=False)
+    x = torch.randn(512, 1024, device="cuda")
+    reference(x).sum().backward()
+    loss = block(x).sum()
+    torch.cuda.synchronize()
+    _scribble()
+    _, copy_in = block.offload_engine.copy_streams("cuda")
+    with torch.cuda.stream(copy_in):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    loss.backward()
+    torch.cuda.synchronize()
+    assert block.offload_engine.stats.shared >= 1, block.offload_engine.stats
+    _assert_same_grads(block, reference)
+
+
+def test_copies_out_delayed_still_give_the_reference_gradients(deterministic) -> None:
+    """A delay on the copy stream in forward: compute must not reuse a saved tensor's memory before its copy
+    has read it (the engine holds it until the compute stream has waited for the copy)."""
+    model, reference = _gpt(CONFIG), _gpt(CONFIG)
+    engine = _offload_blocks(model, max_in_flight=2)
+    tokens, targets = _batch(CONFIG, 4, 64, torch.Generator().manual_seed(0))
+    _loss(reference, tokens, targets).backward()
+    copy_out, _ = engine.copy_streams("cuda")
+    with torch.cuda.stream(copy_out):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    loss = _loss(model, tokens, targets)
+    _scribble()
+    loss.backward()
+    torch.cuda.synchronize()
+    _assert_same_grads(model, reference)
+
+
+class WritesAfterSaving(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        y = h * h  # saves h
+        h.add_(1)  # then writes it, while its copy out may still be reading it
+        return y.sum() + h.sum()
+
+
+def test_in_place_write_after_saving_raises_on_cuda_as_without_offload() -> None:
+    """Offload's hooks bypass autograd's version check; the copy out then raced the write. Both now raise."""
+    reference = WritesAfterSaving().cuda()
+    x = torch.randn(256, 256, device="cuda")
+    for block in (reference, offload_wrapper(copy.deepcopy(reference))):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            block(x).backward()
+
+
+def test_forward_makes_no_host_synchronization() -> None:
+    """Past ``max_in_flight`` copies, forward used to wait on the host (``Event.synchronize``), and reusing a
+    pooled buffer waited for its last copy; both now wait on the device only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _gpt(MEMORY_CONFIG)
+    engine = _offload_blocks(model, max_in_flight=2)
+    tokens, targets = _batch(MEMORY_CONFIG, 4, 256, torch.Generator().manual_seed(0))
+    for _ in range(2):  # warm: pool, streams, kernels
+        _loss(model, tokens, targets).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        loss = _loss(model, tokens, targets)
+    syncs = [e.name for e in prof.events() if "Synchronize" in e.name]
+    loss.backward()
+    assert engine.stats.copies > 2 * engine.options.max_in_flight, engine.stats
+    assert syncs == [], syncs
+
+
+def test_pinned_memory_does_not_grow_over_30_sequence_lengths() -> None:
+    """What PyTorch's pinned allocator really holds (``host_memory_stats``, rounded to powers of two, its cache
+    included) stays within 1.5 times what one step at the longest length pins. Before, every new length pinned
+    more, and evicted buffers stayed in the allocator's cache."""
+    def pinned() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.host_memory_stats()["allocated_bytes.current"]
+
+    lengths = list(range(32, 32 + 30 * 7, 7))  # within the model's 256 positions
+    random.Random(0).shuffle(lengths)
+    torch._C._host_emptyCache()
+    start = pinned()
+    model = _gpt(MEMORY_CONFIG)
+    engine = _offload_blocks(model)
+    tokens, targets = _batch(MEMORY_CONFIG, 4, max(lengths), torch.Generator().manual_seed(0))
+    _loss(model, tokens, targets).backward()
+    single = pinned() - start
+    engine.clear_cache()
+    del model, engine
+    gc.collect()
+    torch._C._host_emptyCache()
+    start = pinned()
+    model = _gpt(MEMORY_CONFIG)
+    engine = _offload_blocks(model)
+    generator = torch.Generator().manual_seed(1)
+    for length in lengths:
+        tokens, targets = _batch(MEMORY_CONFIG, 4, length, generator)
+        _loss(model, tokens, targets).backward()
+    grown = pinned() - start
+    assert single > 0 and grown <= 1.5 * single, (grown, single)
+    assert engine.pool.total_bytes <= grown, (engine.pool.total_bytes, grown)
+
+
+def test_offloaded_step_reserves_less_device_memory_than_the_reference() -> None:
+    """``max_memory_reserved`` sees what ``memory_allocated`` cannot: memory freed late (a copy's event not
+    yet polled) is still reserved. The offloaded step's peak must stay below the reference's."""
+    tokens, targets = _batch(MEMORY_CONFIG, 4, 256, torch.Generator().manual_seed(0))
+
+    def peak_reserved(offload: bool) -> int:
+        model = _gpt(MEMORY_CONFIG)
+        if offload:
+            _offload_blocks(model)
+        _loss(model, tokens, targets).backward()  # warm
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        _loss(model, tokens, targets).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_reserved()
+
+    reference, offloaded = peak_reserved(False), peak_reserved(True)
+    assert offloaded < reference, (offloaded, reference)
+
+
+def test_cuda_graph_capture_is_refused_with_the_fix() -> None:
+    """Copies to host memory on side streams cannot be captured; the engine says so instead of failing inside
+    the capture."""
+    block = offload_wrapper(nn.Linear(512, 512).cuda(), min_bytes=0)
+    x = torch.randn(256, 512, device="cuda", requires_grad=True)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), pytest.raises(RuntimeError, match="CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            block(x).tanh()
+
+
+class SeeRestoredCuda(torch.autograd.Function):
+    seen: list[StorageWeakRef] = []
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.sin()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        SeeRestoredCuda.seen.append(StorageWeakRef(y.untyped_storage()))
+        return grad * (1 - y.square()).sqrt()
+
+
+class SavesThroughFunction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1024, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SeeRestoredCuda.apply(self.lin(x))
+
+
+def test_retain_graph_frees_restored_device_copies_after_their_backward() -> None:
+    """With ``retain_graph=True`` every restored copy used to stay on the device as long as the graph."""
+    block = offload_wrapper(SavesThroughFunction().cuda(), min_bytes=0)
+    x = torch.randn(512, 1024, device="cuda")
+    SeeRestoredCuda.seen.clear()
+    loss = block(x).sum()
+    loss.backward(retain_graph=True)
+    torch.cuda.synchronize()
+    gc.collect()
+    assert SeeRestoredCuda.seen and all(ref.expired() for ref in SeeRestoredCuda.seen)
+    loss.backward()
