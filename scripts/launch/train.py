@@ -17,7 +17,10 @@ dropout) is in ``train_driver.py`` beside this file, which takes the same flags.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import pathlib
+import sys
 import time
 
 import torch
@@ -46,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add_device_flag(parser)
     flags.add_blocks_flag(parser, default=None, what="Block for gpt, LlamaDecoderLayer for llama")
     parser.add_argument("--checkpoint-dir", type=pathlib.Path, default=None,
-                        help="save a DCP checkpoint here at the end (DIR/step-N), and resume from the newest one found")
+                        help="save a DCP checkpoint here at the end (DIR/step-N), and resume from the newest one found; "
+                             "a checkpoint of another model is refused")
     return parser.parse_args(argv)
 
 
@@ -71,27 +75,65 @@ def forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return getattr(out, "logits", out)
 
 
-def resume(directory: pathlib.Path | None, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load the newest checkpoint in ``directory``, if any; return the step it was saved at (0 if none)."""
-    found = sorted(directory.glob("step-*/.metadata")) if directory is not None else []
+def model_config(args: argparse.Namespace) -> dict:
+    """What shapes the model's state: a checkpoint resumes only into the same values."""
+    return {key: getattr(args, key) for key in ("model", "n_layer", "d_model", "n_head", "seq_len", "vocab_size")}
+
+
+def newest_step(directory: pathlib.Path | None, config: dict) -> pathlib.Path | None:
+    """The newest complete checkpoint in ``directory`` (None if there is none), read before any training.
+
+    Raises:
+        ValueError: it was saved by another model (saying what differs).
+    """
+    found = sorted(directory.glob("step-*/config.json")) if directory is not None else []  # complete steps only
     if not found:
+        return None
+    saved = json.loads(found[-1].read_text())
+    if saved != config:
+        differ = ", ".join(f"--{key.replace('_', '-')} {saved.get(key)} there, {config[key]} here"
+                           for key in config if saved.get(key) != config[key])
+        raise ValueError(f"{found[-1].parent} holds another model ({differ}): pass the same flags, "
+                         "or another --checkpoint-dir to start fresh")
+    return found[-1].parent
+
+
+def resume(step_dir: pathlib.Path | None, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the checkpoint in ``step_dir``, if any; return the step it was saved at (0 if none)."""
+    if step_dir is None:
         return 0
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state, "step": 0}
-    dcp.load(state, checkpoint_id=found[-1].parent)  # every rank reads its own shards
+    dcp.load(state, checkpoint_id=step_dir)  # every rank reads its own shards
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return state["step"]
 
 
-def save(directory: pathlib.Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Save model and optimizer, sharded, under their plain names (they load however the blocks are wrapped)."""
+def save(directory: pathlib.Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> None:
+    """Save model and optimizer, sharded, under their plain names (they load however the blocks are wrapped).
+
+    Written into a hidden folder and renamed into place once every rank is done, with ``config.json`` last:
+    a save cut short is never taken for the newest step.
+    """
+    final, partial = directory / f"step-{step:06d}", directory / f".partial-step-{step:06d}"
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state, "step": step}, checkpoint_id=directory / f"step-{step:06d}")
+    dcp.save({"model": model_state, "optim": optim_state, "step": step}, checkpoint_id=partial)
+    dist.barrier()  # every rank's shards are written
+    if dist.get_rank() == 0:
+        (partial / "config.json").write_text(json.dumps(config))
+        partial.rename(final)
+    dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train as the flags say; rank 0 prints progress and a summary."""
     args = parse_args(argv)
+    try:  # before any process group: a mistake is one line and exit status 2
+        checkpoint = newest_step(args.checkpoint_dir, model_config(args))
+    except ValueError as refused:
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same: rank 0 says it
+            print(f"train.py: {refused}", file=sys.stderr, flush=True)
+        return 2
     device = default_device(args.device)  # cuda:LOCAL_RANK on GPUs, else the CPU
     init_distributed(device)              # torchrun's process group, or a one-rank group for one process
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -107,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     fully_shard(model)
     # 3. Train as usual.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    first = resume(args.checkpoint_dir, model, optimizer) + 1
+    first = resume(checkpoint, model, optimizer) + 1
 
     losses, times = [], []
     mine = slice(rank * args.batch, (rank + 1) * args.batch)  # this rank's rows of the global batch
@@ -126,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"step {step}/{args.steps}  loss {losses[-1]:.4f}  ({times[-1]:.2f} s)", flush=True)
     if args.checkpoint_dir is not None and losses:
-        save(args.checkpoint_dir, args.steps, model, optimizer)
+        save(args.checkpoint_dir, args.steps, model, optimizer, model_config(args))
 
     if rank == 0:
         rows = [

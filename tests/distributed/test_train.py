@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckpt_wrapper.tools.train_driver.args import build_parser, check_args
 from pool import torchrun
@@ -373,3 +374,27 @@ def test_train_demo_and_parity_speak_one_flag_vocabulary(capsys: pytest.CaptureF
         assert f"note: {spelling} is deprecated" in notes, notes
     assert recipe_from_args(driver.parse_args(["--no-reshard"])).reshard_after_forward is False
     assert driver.parse_args(["--parallel", "fsdp"]).parallel == "fsdp1"
+
+
+def test_the_example_refuses_a_checkpoint_of_another_model_and_skips_torn_steps(tmp_path: Path, capsys) -> None:
+    """The example resumed a 4-layer checkpoint into a 2-layer model without a word (DCP loads the keys the
+    model has) and took any ``step-*`` folder for a checkpoint, a save cut short included. It now stores its
+    model's flags with each step, refuses another model in one line with exit status 2 before any process
+    group starts, and resumes only from steps whose save completed."""
+    example = _example_module()
+    args = example.parse_args(["--n-layer", "4"])
+    root = tmp_path / "ckpt"
+    good = root / "step-000002"
+    good.mkdir(parents=True)
+    (good / "config.json").write_text(json.dumps(example.model_config(args)))
+    (root / "step-000009").mkdir()  # torn: DCP files, no config.json (written last, after every rank)
+    (root / "step-000009" / ".metadata").write_bytes(b"")
+    (root / ".partial-step-000010").mkdir()
+    assert example.newest_step(root, example.model_config(args)) == good
+
+    status = example.main(["--n-layer", "2", "--checkpoint-dir", str(root)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--n-layer 4 there, 2 here" in err and "another --checkpoint-dir" in err, err
+    assert not torch.distributed.is_initialized()
+    assert sorted(p.name for p in root.iterdir()) == [".partial-step-000010", "step-000002", "step-000009"]
