@@ -377,6 +377,7 @@ class SparseAndNested(nn.Module):
         return product.sum() + nested.sin().to_padded_tensor(0.0).sum()
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta", "ignore:The PyTorch API of nested tensors")
 def test_sparse_and_nested_tensors_stay_on_the_device() -> None:
     """These raised in the pack hook (they have no single storage to copy). They are now kept where they
     are, counted, and the block trains as without offload."""
