@@ -43,6 +43,8 @@ class BlockFigures:
     """Working set at the peak of its forward."""
     peak_backward: int
     """Working set at the peak of its backward: held bytes, recompute, temporaries, its gradients."""
+    end_backward: int = 0
+    """Working set once its backward is done (its gradients, its input's), when FSDP reduce-scatters."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,7 @@ class PeakModel:
         p = [static.block_parameters[name] for name in self.names]
         g = [static.block_gradients[name] for name in self.names]
         # The step's resident part: parameters (the root's unsharded under FSDP), optimizer state, buckets.
-        root_extra = static.block_parameters[""] - static.resident_parameters[""] if fsdp else 0
+        root_extra = static.block_parameters[""] if fsdp else 0  # unsharded beside its shard, forward to backward
         self.fixed = {"parameters": static.parameters, "optimizer state": static.optimizer_state,
                       "DDP gradient buckets": static.ddp_buckets, "unsharded parameters (FSDP)": root_extra}
 
@@ -122,16 +124,23 @@ class PeakModel:
                 self.outside[k] = (value, t)
         # Per block: what exists as its forward and backward start, its own unwrapped activations removed.
         self.before_forward, self.before_backward, self.unsharded_f, self.unsharded_b = [], [], [], []
+        self.scatter: list[int] = []  # FSDP's reduce-scatter buffers as block i's backward ends
         for i, m in enumerate(marks):
             fs, bs = m["forward_start"] - 1, m["backward_start"] - 1
             self.before_forward.append(act(fs) + grads_at(fs))
             self.before_backward.append(act(bs) - self.unwrapped[i].held + grads_at(bs))
             if fsdp:  # this block unsharded (and the next prefetched); in backward, reduce-scatter buffers too
                 nxt = p[i + 1] if prefetch_forward and i + 1 < n else 0
-                scatter = g[i] // static.world_size + (g[i] if static.sharding == "fsdp2" else 0)
+                # Backward prefetches block i-1: FSDP2 holds its all-gather buffers (input and output) until
+                # i-1 starts; the reduce-scatter of block i copies its gradients after resharding it.
+                ahead = p[i - 1] if i > 0 else 0
+                if static.sharding == "fsdp2":
+                    ahead += ahead // static.world_size
+                self.scatter.append(g[i] // static.world_size + (g[i] if static.sharding == "fsdp2" else 0) - p[i])
                 self.unsharded_f.append(p[i] + nxt)
-                self.unsharded_b.append(p[i] + (p[i - 1] if i > 0 else 0) + scatter)
+                self.unsharded_b.append(p[i] + ahead)
             else:
+                self.scatter.append(0)
                 self.unsharded_f.append(0)
                 self.unsharded_b.append(0)
         self.fixed_total = sum(self.fixed.values())
@@ -141,8 +150,13 @@ class PeakModel:
     def block_bound(self, i: int, figures: BlockFigures) -> int:
         """The most block ``i`` reaches under ``figures``, before the savings of blocks ``0..i-1``."""
         forward = self.before_forward[i] + self.unsharded_f[i] + figures.peak_forward
-        backward = self.before_backward[i] + self.unsharded_b[i] + figures.peak_backward
-        return self.fixed_total + max(forward, backward)
+        return self.fixed_total + max(forward, self._backward(i, figures))
+
+    def _backward(self, i: int, figures: BlockFigures) -> int:
+        """Block ``i``'s backward: its peak, or its end (block ``i`` resharded, its reduce-scatter buffers
+        made), whichever is more."""
+        work = max(figures.peak_backward, figures.end_backward + self.scatter[i])
+        return self.before_backward[i] + self.unsharded_b[i] + work
 
     def outside_bound(self, k: int) -> int:
         """The most an instant outside the blocks reaches with blocks ``0..k-1`` alive, before their savings."""
@@ -164,7 +178,7 @@ class PeakModel:
             candidates.append((self.outside_bound(k) - prefix[k], f"{phase}, {after}", k, "outside"))
         for i, figures in enumerate(chosen):
             forward = self.fixed_total + self.before_forward[i] + self.unsharded_f[i] + figures.peak_forward - prefix[i]
-            backward = self.fixed_total + self.before_backward[i] + self.unsharded_b[i] + figures.peak_backward - prefix[i]
+            backward = self.fixed_total + self._backward(i, figures) - prefix[i]
             candidates.append((forward, f"forward of {self.names[i]}", i, "forward"))
             candidates.append((backward, f"backward of {self.names[i]}", i, "backward"))
         candidates.append((self.optimizer_phase, "optimizer step", 0, "optimizer"))
@@ -188,8 +202,16 @@ class PeakModel:
                 t = (m["forward_start"] if where == "forward" else m["backward_start"]) - 1
                 parts["gradients"] = self._grads(t)
                 parts["unsharded parameters (FSDP)"] += (self.unsharded_f if where == "forward" else self.unsharded_b)[k]
-                work = chosen[k].peak_forward if where == "forward" else chosen[k].peak_backward
-                parts[f"{where} working set of {self.names[k]}"] = work
+                figures = chosen[k]
+                if where == "forward":
+                    parts[f"forward working set of {self.names[k]}"] = figures.peak_forward
+                elif figures.peak_backward >= figures.end_backward + self.scatter[k]:
+                    parts[f"backward working set of {self.names[k]}"] = figures.peak_backward
+                else:
+                    p = self.static.block_parameters[self.names[k]]
+                    parts["unsharded parameters (FSDP)"] -= p
+                    parts[f"gradients of {self.names[k]} (unsharded)"] = figures.end_backward
+                    parts["reduce-scatter buffers (FSDP)"] = self.scatter[k] + p
             parts["activations held by blocks"] = held
             parts["activations outside the blocks"] = peak - sum(parts.values())
         return {name: value for name, value in parts.items() if value}

@@ -145,7 +145,7 @@ def _plan_kept(model: nn.Module, batch: Any, options: PlanOptions) -> Plan:
         for strategy, row in table.items():
             saving = base - row.held + (moved if strategy.offloads else 0)
             figures = BlockFigures(held=row.held, saving=saving, peak_forward=row.step.peak_forward,
-                                   peak_backward=row.step.peak_backward)
+                                   peak_backward=row.step.peak_backward, end_backward=row.step.end_backward)
             rows.append(Option(strategy, row.held, row.cost, saving, figures))
         per_block.append(rows)
 

@@ -51,6 +51,8 @@ class BlockStep:
     peak_backward: int
     """Most bytes alive during backward that the block's step made: what forward held, the recompute,
     backward's temporaries, the block's parameter gradients and its input gradient."""
+    end_backward: int
+    """Bytes the block's step made that are alive once backward is done: its gradients, its input's."""
     counts: Counts
     """The cost model's counts for the whole step (``mode_ops`` not yet filled in)."""
     forward_ops: int
@@ -79,7 +81,7 @@ def block_step(block: nn.Module, fresh: Callable[[], tuple[tuple, dict]], *, dev
     del out, outs, grads, out_tensors
     series = recorder.series(without=skip)
     return BlockStep(held=held, peak_forward=max(series[:forward_ops], default=0),
-                     peak_backward=max(series[forward_ops:], default=0),
+                     peak_backward=max(series[forward_ops:], default=0), end_backward=series[-1] if series else 0,
                      counts=Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0),
                      forward_ops=forward_ops)
 
