@@ -77,6 +77,8 @@ class Allocation:
     """``StepRecorder.phase`` when it was made (``forward``, ``backward``, or what the caller set)."""
     made: int
     """Index of the op that made it."""
+    device: str = "cpu"
+    """The device type it lives on (host copies of offloaded activations are ``cpu`` beside a ``cuda`` model)."""
     freed: int | None = None
     """Index of the first op that started after it was freed; None while alive."""
 
@@ -103,6 +105,8 @@ class StepRecorder(TorchDispatchMode):
         """Bytes alive just after each op, its outputs included: the memory timeline, one point per op."""
         self.ops: list[str] = []
         """The op names, in order."""
+        self.op_context: list[tuple[str, str]] = []
+        """Per op, (``phase``, ``module``) when it ran."""
         self.flops = 0
         """FLOPs of every op with a formula (matmuls, convolutions, attention)."""
         self.bytes_touched = 0
@@ -147,10 +151,11 @@ class StepRecorder(TorchDispatchMode):
             serial = len(self.allocations)
             nbytes = t.untyped_storage().nbytes()
             self.allocations[serial] = Allocation(nbytes, f"aten.{name}", tuple(t.shape), str(t.dtype).removeprefix(
-                "torch."), self.module, self.phase, len(self.ops))
+                "torch."), self.module, self.phase, len(self.ops), device=t.device.type)
             self._live[key] = (StorageWeakRef(t.untyped_storage()), serial)
             self._alive_bytes += nbytes
         self.ops.append(f"aten.{name}")
+        self.op_context.append((self.phase, self.module))
         self.samples.append(self._alive_bytes)
         return out
 

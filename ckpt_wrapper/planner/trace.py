@@ -105,15 +105,18 @@ class ModelStep:
     """Ops run by forward."""
     recorder: StepRecorder
     """The recorder itself (allocations and ops, for reports)."""
+    outputs: set[int] = dataclasses.field(default_factory=set)
+    """Serial numbers (in ``recorder.allocations``) of the model output's storages."""
 
 
 def model_step(model: nn.Module, run: Callable[[], Any], blocks: list[tuple[str, nn.Module]], *,
-               device: torch.device, loss: Callable[[Any], torch.Tensor],
+               device: torch.device | None, loss: Callable[[Any], torch.Tensor],
                on_module: dict[nn.Module, str] | None = None) -> ModelStep:
     """Record ``loss(run())`` and its backward on the unwrapped ``model``, marking each block's phases.
 
     ``model``'s gradients must be None on entry; they are left as backward made them. With
     ``on_module`` (module -> name), the recorder's ``module`` names the innermost module running.
+    ``device`` None records storages on every device.
     """
     recorder = StepRecorder(exclude=list(model.parameters()), device=device)
     marks: dict[str, dict[str, int]] = {name: {} for name, _ in blocks}
@@ -162,7 +165,10 @@ def model_step(model: nn.Module, run: Callable[[], Any], blocks: list[tuple[str,
         with recorder:
             output = run()
             forward_ops = recorder.mark()
-            held = recorder.live_bytes(exclude=[t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)])
+            out_tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+            held = recorder.live_bytes(exclude=out_tensors)
+            outputs = recorder.serials_of(out_tensors)
+            del out_tensors
             value = loss(output)
             recorder.phase, recorder.module = "backward", ""
             del output
@@ -182,4 +188,4 @@ def model_step(model: nn.Module, run: Callable[[], Any], blocks: list[tuple[str,
                      gradients={name: recorder.series(only=serials) for name, serials in by_owner.items()},
                      marks=marks, held=held,
                      counts=Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0),
-                     forward_ops=forward_ops, recorder=recorder)
+                     forward_ops=forward_ops, recorder=recorder, outputs=outputs)
