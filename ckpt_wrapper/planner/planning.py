@@ -192,24 +192,29 @@ def _optimizer_name(optimizer: Any) -> str | None:
     return getattr(optimizer, "__name__", type(optimizer).__name__)
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
 def _refuse(per_block: list[list[Option]], unwrapped: int, budget: int | None, limit: int, peaks: PeakModel,
             options: PlanOptions, world: int) -> list[Option]:
     """Raise the ``ValueError`` for a limit no plan reaches: the least peak, what it is made of, what lowers it."""
     least = peaks.evaluate([o.figures for o in least_peak(per_block, unwrapped, peaks)])  # type: ignore[misc]
-    gib = 2**30
-    parts = ", ".join(f"{name} {value / gib:.3f}" for name, value in least.components.items())
-    lowers = []
+    parts = ", ".join(f"{name} {_size(value)}" for name, value in least.components.items())
     if options.sharding in ("fsdp1", "fsdp2"):
-        lowers.append(f"more ranks (FSDP divides parameters, gradients and optimizer state by the world size, {world} now)")
+        lowers = [f"more ranks (FSDP divides parameters, gradients and optimizer state by the world size, {world} now)"]
     else:
-        lowers.append("sharding with FSDP over more ranks (sharding='fsdp2', world_size=N divides parameters, "
-                      "gradients and optimizer state by N)")
-    lowers += ["offloading activations (strategies 'offload' or 'full+offload', on an accelerator)",
-               "a smaller batch (activations scale with it)"]
+        lowers = ["sharding with FSDP over more ranks (sharding='fsdp2', world_size=N divides parameters, "
+                  "gradients and optimizer state by N)"]
+    if least.at == "optimizer step":  # activations are gone by then: only the static parts matter
+        lowers.append("activations do not set this peak, so offload or a smaller batch would not lower it")
+    else:
+        lowers += ["offloading activations (strategies 'offload' or 'full+offload', on an accelerator)",
+                   "a smaller batch (activations scale with it)"]
     if options.optimizer is not None:
         lowers.append("an optimizer with less state (SGD with momentum keeps 1 per parameter, AdamW 2)")
     raise ValueError(
-        f"no plan fits memory_limit={limit / gib:.3f} GiB per rank: the least peak reachable is {least.peak_bytes / gib:.3f} "
-        f"GiB, at {least.at} (GiB: {parts}). What would lower it: " + "; ".join(lowers)
-        + (f". The activation budget of {budget / gib:.3f} GiB applies as well" if budget is not None else "")
+        f"no plan fits memory_limit={_size(limit)} per rank: the least peak reachable is {_size(least.peak_bytes)}, "
+        f"at {least.at} ({parts}). What would lower it: " + "; ".join(lowers)
+        + (f". The activation budget of {_size(budget)} applies as well" if budget is not None else "")
     )

@@ -164,18 +164,25 @@ def test_memory_limit_is_met_and_a_lower_limit_never_predicts_a_higher_peak() ->
 
 def test_an_impossible_limit_names_the_least_reachable_peak_and_what_would_lower_it() -> None:
     """A limit below anything reachable raises ``ValueError`` with the least reachable peak, what it is made
-    of, and the levers: more ranks or FSDP, offload, a smaller batch.
+    of, and the levers that apply: FSDP or more ranks always; offload and a smaller batch where activations
+    set the least peak, and a leaner optimizer where its step does (activations are gone by then).
 
     A failure means an impossible limit returns a plan that does not fit, or an error that does not say
     how far off it is or what to change.
     """
     model, tokens = _gpt()
     with pytest.raises(ValueError) as caught:
+        ckpt_wrapper.plan(model, tokens, memory_limit="1MiB")
+    message = str(caught.value)
+    for part in ("memory_limit=1.00 MiB", "least peak reachable", "at backward of", "parameters", "FSDP",
+                 "offloading activations", "a smaller batch"):
+        assert part in message, message
+    with pytest.raises(ValueError) as caught:
         ckpt_wrapper.plan(model, tokens, memory_limit="1MiB", optimizer=torch.optim.AdamW)
     message = str(caught.value)
-    for part in ("memory_limit=", "least peak reachable", "optimizer state", "FSDP", "offload", "smaller batch"):
+    for part in ("at optimizer step", "optimizer state", "FSDP", "would not lower it", "less state"):
         assert part in message, message
-    with pytest.raises(ValueError, match="more ranks"):
+    with pytest.raises(ValueError, match="more ranks .* 2 now"):
         ckpt_wrapper.plan(model, tokens, memory_limit="1MiB", optimizer=torch.optim.AdamW, sharding="fsdp2",
                           world_size=2)
 
