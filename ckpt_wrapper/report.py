@@ -167,7 +167,8 @@ def _view(model: nn.Module, batch: Any, blocks: list[tuple[str, nn.Module]], opt
     opt = optimizer(model.parameters()) if optimizer is not None else None
 
     def train_step() -> None:
-        scalar_of(call_model(model, batch)).backward()
+        out = call_model(model, batch)  # referenced until the step ends, as a training loop holds it
+        scalar_of(out).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad()

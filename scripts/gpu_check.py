@@ -137,7 +137,8 @@ def peak_check(path: str) -> None:
         optimizer = torch.optim.AdamW(applied.parameters())
 
         def step() -> None:
-            applied(tokens).float().sum().backward()
+            out = applied(tokens)  # referenced until the step ends, as the planner assumes
+            out.float().sum().backward()
             optimizer.step()
             optimizer.zero_grad()
 

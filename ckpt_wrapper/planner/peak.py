@@ -144,8 +144,10 @@ class PeakModel:
                 self.unsharded_f.append(0)
                 self.unsharded_b.append(0)
         self.fixed_total = sum(self.fixed.values())
+        # The loop still holds the step's output (``out = model(x)``) while the optimizer steps.
+        self.output_bytes = step.output_bytes
         self.optimizer_phase = (static.parameters + static.gradients() + static.optimizer_state
-                                + static.ddp_buckets + static.optimizer_step)
+                                + static.ddp_buckets + static.optimizer_step + self.output_bytes)
 
     def block_bound(self, i: int, figures: BlockFigures) -> int:
         """The most block ``i`` reaches under ``figures``, before the savings of blocks ``0..i-1``."""
@@ -190,7 +192,8 @@ class PeakModel:
         s = self.static
         if where == "optimizer":
             parts = {"parameters": s.parameters, "gradients": s.gradients(), "optimizer state": s.optimizer_state,
-                     "DDP gradient buckets": s.ddp_buckets, "optimizer step temporaries": s.optimizer_step}
+                     "DDP gradient buckets": s.ddp_buckets, "optimizer step temporaries": s.optimizer_step,
+                     "the step's output": self.output_bytes}
         else:
             parts = dict(self.fixed)
             held = sum(chosen[j].held for j in range(k))

@@ -108,6 +108,11 @@ class ModelStep:
     outputs: set[int] = dataclasses.field(default_factory=set)
     """Serial numbers (in ``recorder.allocations``) of the model output's storages."""
 
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of the model output's storages (still referenced by the training loop until the step ends)."""
+        return sum(self.recorder.allocations[s].nbytes for s in self.outputs)
+
 
 def model_step(model: nn.Module, run: Callable[[], Any], blocks: list[tuple[str, nn.Module]], *,
                device: torch.device | None, loss: Callable[[Any], torch.Tensor],
@@ -171,9 +176,8 @@ def model_step(model: nn.Module, run: Callable[[], Any], blocks: list[tuple[str,
             del out_tensors
             value = loss(output)
             recorder.phase, recorder.module = "backward", ""
-            del output
-            value.backward()
-            del value
+            value.backward()  # the output stays referenced, as in `out = model(x); loss(out).backward()`
+            del value, output
     finally:
         for handle in handles:
             handle.remove()
