@@ -2,6 +2,7 @@
 #   make demo   set up, then train a GPT-style model on 2 ranks (torchrun, FSDP2, checkpointing)
 #   make test   set up, then run the test suite
 #   make wheel-check   build a wheel, install it with torch into a fresh venv, smoke-test it outside the repo
+#   make gpu-check   on a CUDA machine: CUDA tests, NCCL parity, benchmarks, planner peak; gpu-results/ summary
 # Overrides: PYTHON (interpreter that creates the venv), VENV (an existing venv with your own torch
 # is used as is), TORCH_SPEC (what to install when the venv has no torch), ARGS (demo flags),
 # PYTEST_ARGS (pytest flags).
@@ -12,7 +13,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench wheel-check clean
+.PHONY: setup demo test bench gpu-check wheel-check clean
 
 $(VENV)/.ckpt_wrapper-ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +32,11 @@ test: setup
 bench: setup
 	$(PY) scripts/bench/overhead.py $(ARGS)
 
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(ARGS)
+
 wheel-check:
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/check_wheel.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench-results
+	rm -rf $(VENV) build *.egg-info bench-results gpu-results

@@ -19,6 +19,7 @@ from ckpt_wrapper.composable import checkpoint
 from ckpt_wrapper.offload import HostPool, OffloadEngine, OffloadOptions, OffloadStats, OffloadWrapper, offload_wrapper
 from ckpt_wrapper.selection import BlockSelector, all_but_last, by_class, by_class_name, by_name, every_nth, first_n
 from ckpt_wrapper.planner import Plan, PlanEntry, PlanOptions, Strategy, plan
+from ckpt_wrapper.report import MemoryReport, report
 from ckpt_wrapper.cheap_recompute import CheapOptions, CheapRecomputeWrapper, cheap_modules, cheap_recompute_wrapper
 from ckpt_wrapper.selective import PRESETS, apply_selective_checkpointing, checkpoint_regions, region_candidates, selective_context_fn
 from ckpt_wrapper.state import ActivationWrapper, WrapState, unwrap, wrap_state
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointOptions",
     "CheckpointWrapper",
     "HostPool",
+    "MemoryReport",
     "OffloadEngine",
     "OffloadOptions",
     "OffloadStats",
@@ -60,6 +62,7 @@ __all__ = [
     "offload_wrapper",
     "plan",
     "region_candidates",
+    "report",
     "remove_activation_checkpointing",
     "selective_context_fn",
     "unwrap",

@@ -11,6 +11,8 @@ their own models the same way:
 - ``live_bytes_after_forward``: bytes of the storages forward created that are still alive after it:
   exact and deterministic on any device, and it sees what inner hooks keep.
 - ``step_flops``: FLOPs of forward plus backward, so recompute shows up as extra forward FLOPs.
+- ``measured_step_peak``: the peak memory of one training step, measured independently of the
+  planner: PyTorch's ``MemTracker`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 
 Example:
     >>> import torch
@@ -35,7 +37,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["SavedBytes", "held_after_forward", "live_bytes_after_forward", "step_flops", "host_allocated_bytes"]
+__all__ = ["SavedBytes", "held_after_forward", "host_allocated_bytes", "live_bytes_after_forward", "measured_step_peak",
+           "step_flops"]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -196,3 +199,36 @@ def step_flops(step: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         step()
     return int(counter.get_total_flops())
+
+
+def measured_step_peak(step: Callable[[], Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                       device: torch.device | str = "cpu") -> int:
+    """The peak bytes of one call of ``step()`` (a whole training step: forward, backward, optimizer).
+
+    On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: everything allocated
+    on the device. Elsewhere PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker``, which counts
+    the live storages of parameters, gradients, optimizer state and every other tensor the step makes:
+    a measure independent of the planner's. Run a step before, so optimizer state exists.
+
+    Example:
+        >>> import torch
+        >>> from ckpt_wrapper.measure import measured_step_peak
+        >>> model = torch.nn.Linear(256, 256)
+        >>> measured_step_peak(lambda: model(torch.randn(8, 256)).sum().backward(), model) >= 2 * 257 * 256 * 4
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*([model] + ([optimizer] if optimizer is not None else [])))
+    with tracker:
+        step()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    return int(sum(stats["Total"] for stats in snapshot.values()))

@@ -84,3 +84,17 @@ def block_forward_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
 
     monkeypatch.setattr(Block, "forward", counting_forward)
     return calls
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test skipped without CUDA is a ``gpu`` test: ``pytest -m gpu`` (``scripts/gpu_check.py``) runs
+    them all, whether they carry the marker or only a ``skipif(not torch.cuda.is_available(), reason=...)``
+    whose reason names CUDA or a GPU."""
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            continue
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", ""))
+            if "cuda" in reason.lower() or "gpu" in reason.lower():
+                item.add_marker(pytest.mark.gpu)
+                break

@@ -44,13 +44,19 @@ class PlanEntry:
     """Activation bytes the block holds under it (from the profile)."""
     cost: float
     """Its extra cost over ``none``: FLOPs or seconds, as ``Plan.cost_unit`` says."""
+    peak_bytes: int | None = None
+    """Its working set at the peak of its backward (held bytes, recompute, temporaries, its gradients);
+    None in plans made without it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", as_strategy(self.strategy))
 
     def to_dict(self) -> dict[str, Any]:
-        """The entry as JSON-ready values, the strategy in its text form."""
-        return {"name": self.name, "strategy": str(self.strategy), "bytes": self.bytes, "cost": self.cost}
+        """The entry as JSON-ready values, the strategy in its text form (fields never set left out)."""
+        data = {"name": self.name, "strategy": str(self.strategy), "bytes": self.bytes, "cost": self.cost}
+        if self.peak_bytes is not None:
+            data["peak_bytes"] = self.peak_bytes
+        return data
 
 
 @dataclasses.dataclass
@@ -59,20 +65,31 @@ class Plan:
 
     entries: list[PlanEntry]
     """One per block, in module order."""
-    budget_bytes: int
-    """The activation memory budget, in bytes."""
+    budget_bytes: int | None
+    """The activation memory budget, in bytes; None when only a peak limit was given."""
     unwrapped_bytes: int
     """Activation bytes of the unwrapped model (the base of fractional budgets)."""
     predicted_bytes: int
     """Activation bytes predicted with the plan applied."""
     step_seconds: float
-    """Measured step time of the unwrapped model."""
+    """Step time of the unwrapped model: modelled from counts (``cost="model"``) or measured."""
     predicted_seconds: float
     """Step time predicted with the plan applied."""
     cost_unit: Literal["flops", "seconds"]
     """The unit of ``PlanEntry.cost`` and of the profile's costs."""
     profile: dict[str, dict[str, tuple[int, float]]] = dataclasses.field(default_factory=dict)
     """Per block signature: strategy (text form) -> (bytes held, extra cost)."""
+    limit_bytes: int | None = None
+    """The peak limit per rank (``memory_limit``), in bytes; None if none was given."""
+    peak: dict[str, Any] | None = None
+    """The predicted peak of a training step on one rank (``PeakReport.to_dict()``: ``peak_bytes``, ``at``,
+    ``components``, ``blocks``) and the setting it assumes (``sharding``, ``world_size``, ``optimizer``);
+    None in plans made before peaks were predicted."""
+    calibration: dict[str, Any] | None = None
+    """The cost model's constants (``Calibration.to_dict()``) when ``cost_unit`` is modelled seconds."""
+
+    OPTIONAL = ("limit_bytes", "peak", "calibration")
+    """Fields written to JSON only when set, so plans of earlier versions write back as they were."""
 
     def apply(self, model: nn.Module) -> list[str]:
         """Wrap ``model``'s blocks as planned, in place, all or nothing; returns the names wrapped.
@@ -98,6 +115,9 @@ class Plan:
         """The plan as JSON (``Plan.from_json`` reads it back); strategies in their text form."""
         data = dataclasses.asdict(self)
         data["entries"] = [entry.to_dict() for entry in self.entries]
+        for name in self.OPTIONAL:
+            if data[name] is None:
+                del data[name]
         return json.dumps({"ckpt_wrapper_plan": FORMAT_VERSION, **data}, indent=1)
 
     @classmethod
@@ -138,15 +158,26 @@ class Plan:
         mib = 2**20
         unit = "GFLOP" if self.cost_unit == "flops" else "ms"
         scale = 1e-9 if self.cost_unit == "flops" else 1e3
-        rows = [[e.name, str(e.strategy), f"{e.bytes / mib:.2f}", f"{e.cost * scale:.3f}"] for e in self.entries]
+        peaks = all(e.peak_bytes is not None for e in self.entries)
+        rows = [[e.name, str(e.strategy), f"{e.bytes / mib:.2f}"] + ([f"{e.peak_bytes / mib:.2f}"] if peaks else [])
+                + [f"{e.cost * scale:.3f}"] for e in self.entries]
         total_cost = sum(e.cost for e in self.entries)
-        rows.append(["total", "", f"{sum(e.bytes for e in self.entries) / mib:.2f}", f"{total_cost * scale:.3f}"])
-        lines = [format_table(rows, headers=["block", "strategy", "MiB held", f"extra {unit}"], align="llrr")]
+        rows.append(["total", "", f"{sum(e.bytes for e in self.entries) / mib:.2f}"] + ([""] if peaks else [])
+                    + [f"{total_cost * scale:.3f}"])
+        headers = ["block", "strategy", "MiB held"] + (["MiB backward peak"] if peaks else []) + [f"extra {unit}"]
+        lines = [format_table(rows, headers=headers, align="llr" + "r" * (len(headers) - 3))]
+        budget = "none" if self.budget_bytes is None else f"{self.budget_bytes / mib:.2f} MiB"
         lines.append(
             f"activation memory: predicted {self.predicted_bytes / mib:.2f} MiB "
             f"({self.predicted_bytes / max(self.unwrapped_bytes, 1):.3f}x of unwrapped {self.unwrapped_bytes / mib:.2f} MiB), "
-            f"budget {self.budget_bytes / mib:.2f} MiB"
+            f"budget {budget}"
         )
+        if self.peak is not None:
+            limit = "none" if self.limit_bytes is None else f"{self.limit_bytes / mib:.2f} MiB"
+            parts = ", ".join(f"{name} {value / mib:.2f}" for name, value in self.peak["components"].items())
+            lines.append(f"step peak per rank: predicted {self.peak['peak_bytes'] / mib:.2f} MiB at {self.peak['at']} "
+                         f"({self.peak.get('sharding', 'none')}, {self.peak.get('world_size', 1)} rank(s)), limit {limit}")
+            lines.append(f"  made of (MiB): {parts}")
         lines.append(
             f"step time: predicted {self.predicted_seconds * 1e3:.1f} ms "
             f"({self.predicted_seconds / max(self.step_seconds, 1e-12):.3f}x of unwrapped {self.step_seconds * 1e3:.1f} ms)"

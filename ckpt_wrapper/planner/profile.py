@@ -18,7 +18,7 @@ Example:
     >>> args, kwargs = capture_inputs(model, tokens, blocks)["layers.0"]
     >>> table = profile_block(blocks[0][1], args, kwargs, options=options, device=torch.device("cpu"),
     ...                       seconds_per_flop=1e-9)
-    >>> [str(s) for s in table], table[options.strategies[1]][0] < table[options.strategies[0]][0]
+    >>> [str(s) for s in table], table[options.strategies[1]].held < table[options.strategies[0]].held
     (['none', 'full'], True)
 """
 
@@ -38,13 +38,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ckpt_wrapper.log import get_logger
-from ckpt_wrapper.measure import held_after_forward, live_bytes_after_forward, step_flops
+from ckpt_wrapper.measure import held_after_forward, live_bytes_after_forward
+from ckpt_wrapper.planner.cost import Calibration
 from ckpt_wrapper.planner.options import PlanOptions
+from ckpt_wrapper.planner.trace import BlockStep, ModelStep, block_step, model_step
 from ckpt_wrapper.planner.strategy import Strategy, apply_strategy, block_strategies
 from ckpt_wrapper.selection import BlockSelector
 
-__all__ = ["ModelBaseline", "model_kept", "capture_inputs", "find_blocks", "input_bytes", "measure_model", "profile_block",
-           "signature"]
+__all__ = ["BlockProfile", "ModelBaseline", "model_kept", "capture_inputs", "find_blocks", "input_bytes", "measure_model",
+           "profile_block", "signature"]
 
 logger = get_logger(__name__)
 
@@ -200,7 +202,9 @@ class ModelBaseline:
     step_flops: int
     """FLOPs of one forward and backward."""
     step_seconds: float
-    """Least measured time of one forward and backward."""
+    """Time of one forward and backward: modelled (``cost="model"``) or the least measured."""
+    step: ModelStep
+    """The recorded step: timeline, block marks and counts."""
 
     @property
     def seconds_per_flop(self) -> float:
@@ -208,20 +212,31 @@ class ModelBaseline:
         return self.step_seconds / max(self.step_flops, 1)
 
 
-def measure_model(model: nn.Module, batch: Any, device: torch.device, options: PlanOptions) -> ModelBaseline:
+def measure_model(model: nn.Module, batch: Any, device: torch.device, options: PlanOptions,
+                  blocks: list[tuple[str, nn.Module]], calibration: Calibration) -> ModelBaseline:
     """Measure the unwrapped model; gradients already in ``.grad`` are put back afterwards."""
-    unwrapped = held_bytes(lambda: call_model(model, batch), device, options, list(model.parameters()))
-    step = lambda: scalar_of(call_model(model, batch)).backward()
     grads = {p: p.grad for p in model.parameters()}
     for p in grads:  # backward accumulates into an existing .grad in place: start from none
         p.grad = None
     try:
-        flops = step_flops(step)
-        seconds = least_seconds(step, device, options.repeats)
+        torch.manual_seed(0)
+        recorded = model_step(model, lambda: call_model(model, batch), blocks, device=device, loss=scalar_of)
+        for p in grads:
+            p.grad = None
+        if options.measure == "held":
+            unwrapped = held_bytes(lambda: call_model(model, batch), device, options, list(model.parameters()))
+        else:
+            unwrapped = recorded.held
+        if options.cost_model(device) == "model":
+            seconds = calibration.seconds(recorded.counts)
+        else:
+            step = lambda: scalar_of(call_model(model, batch)).backward()
+            seconds = least_seconds(step, device, options.repeats)
     finally:
         for p, g in grads.items():
             p.grad = g
-    return ModelBaseline(unwrapped_bytes=unwrapped, step_flops=flops, step_seconds=seconds)
+    return ModelBaseline(unwrapped_bytes=unwrapped, step_flops=recorded.counts.flops, step_seconds=seconds,
+                         step=recorded)
 
 
 def signature(block: nn.Module, inputs: BlockInputs) -> str:
@@ -237,49 +252,62 @@ def input_bytes(inputs: BlockInputs) -> int:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def _unsafe(trial: nn.Module, step: Callable[[], Any], reference: list[torch.Tensor | None] | None,
-            device: torch.device) -> list[torch.Tensor | None] | Exception | None:
-    """Run one step of a strategy's trial: the exception it raises, or gradients other than ``none``'s.
+@dataclasses.dataclass(frozen=True)
+class BlockProfile:
+    """One block under one strategy, profiled."""
 
-    Returns the trial's gradients when there is no reference yet (the ``none`` trial), None when the
-    strategy is safe, else the problem. The RNG is seeded alike for every trial, so dropout draws
-    the same masks; on CPU the comparison is exact, as checkpointing promises.
+    held: int
+    """Activation bytes held after forward, by ``PlanOptions.measure``."""
+    cost: float
+    """Extra cost over ``none``, in the unit of ``PlanOptions.cost_model``."""
+    step: BlockStep
+    """The recorded step: working sets in forward and backward, counts."""
+
+
+def _trial(trial: nn.Module, fresh: Callable[[], tuple[tuple, dict]], reference: list[torch.Tensor | None] | None,
+           device: torch.device) -> tuple[BlockStep | None, list[torch.Tensor | None] | Exception | None]:
+    """Run one recorded step of a strategy's trial: (the step, its gradients or the problem, or None if safe).
+
+    The gradients come back when there is no reference yet (the ``none`` trial). The RNG is seeded alike
+    for every trial, so dropout draws the same masks; on CPU the comparison is exact, as checkpointing
+    promises.
     """
     torch.manual_seed(0)
     try:
-        step()
+        step = block_step(trial, fresh, device=device)
     except Exception as error:  # the strategy cannot run this block (an in-place module under SAC, say)
-        return error
+        return None, error
     grads = [None if p.grad is None else p.grad.detach().clone() for p in trial.parameters()]
     for p in trial.parameters():
         p.grad = None
     if reference is None:
-        return grads
+        return step, grads
     if device.type == "cpu" and any(
         (a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(grads, reference)
     ):
-        return ValueError("its gradients differ from the unwrapped block's")
-    return None
+        return step, ValueError("its gradients differ from the unwrapped block's")
+    return step, None
 
 
 def profile_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, options: PlanOptions,
-                  device: torch.device, seconds_per_flop: float) -> dict[Strategy, tuple[int, float]]:
-    """Per candidate strategy (``none`` first): (bytes held after forward, extra cost over ``none``).
+                  device: torch.device, seconds_per_flop: float,
+                  calibration: Calibration | None = None) -> dict[Strategy, BlockProfile]:
+    """Per candidate strategy (``none`` first): bytes held after forward, extra cost over ``none``, the step.
 
     ``block`` is not modified: each strategy is applied to a deep copy.
     """
     names = options.candidates(block_strategies(block, device=device))
     cost = options.cost_model(device)
+    calibration = calibration or Calibration.default(device)
     fresh = lambda: pytree.tree_map(lambda x: x if isinstance(x, torch.Tensor) else copy.deepcopy(x), (args, kwargs))
-    measured: dict[Strategy, tuple[int, float, float]] = {}
+    measured: dict[Strategy, tuple[int, BlockStep, float]] = {}
     steps: dict[Strategy, Callable[[], Any]] = {}
     reference: list[torch.Tensor | None] | None = None
     for strategy in names:
         trial = copy.deepcopy(block)
         apply_strategy(trial, strategy)
         forward = lambda trial=trial: (lambda a, k: trial(*a, **k))(*fresh())
-        step = lambda forward=forward: scalar_of(forward()).backward()
-        problem = _unsafe(trial, step, reference, device)
+        recorded, problem = _trial(trial, fresh, reference, device)
         if isinstance(problem, list):
             reference = problem  # `none`: the gradients every other strategy must give
         elif problem is not None:
@@ -287,27 +315,36 @@ def profile_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 raise problem
             logger.info("planner: strategy %s is not proposed for %s: %s", strategy, type(block).__name__, problem)
             continue
-        steps[strategy] = step
-        held = held_bytes(forward, device, options, list(trial.parameters()))
-        flops = float(step_flops(step)) if cost != "time" else 0.0
-        measured[strategy] = (held, flops, 0.0)
-    if cost != "flops":
+        assert recorded is not None
+        if strategy.main == "sac":  # every forward op, and every recomputed one, passes the policy's mode
+            extra_ops = recorded.counts.ops - measured[Strategy()][1].counts.ops
+            recorded = dataclasses.replace(recorded, counts=recorded.counts._replace(
+                mode_ops=recorded.forward_ops + max(extra_ops, 0)))
+        steps[strategy] = lambda forward=forward: scalar_of(forward()).backward()
+        held = recorded.held if options.measure == "saved" else held_after_forward(forward, device=device)
+        measured[strategy] = (held, recorded, 0.0)
+    if cost in ("time", "flops+overhead"):
         # Interleaved rounds, median per strategy: drift and background load hit every strategy alike,
         # where timing one strategy after another attributes them to whichever ran at the wrong moment.
         samples: dict[Strategy, list[float]] = {name: [] for name in steps}
         for _ in range(options.repeats):
             for name in steps:
                 samples[name].append(least_seconds(steps[name], device, 1))
-        measured = {name: (held, flops, statistics.median(samples[name])) for name, (held, flops, _) in measured.items()}
-    _, base_flops, base_seconds = measured[Strategy()]
-    table: dict[Strategy, tuple[int, float]] = {}
-    for strategy, (held, flops, seconds) in measured.items():
-        extra_flops, extra_seconds = max(flops - base_flops, 0.0), max(seconds - base_seconds, 0.0)
-        if cost == "time":
-            table[strategy] = (held, extra_seconds)
+        measured = {name: (held, rec, statistics.median(samples[name])) for name, (held, rec, _) in measured.items()}
+    _, base, base_seconds = measured[Strategy()]
+    table: dict[Strategy, BlockProfile] = {}
+    for strategy, (held, recorded, seconds) in measured.items():
+        extra_flops = float(max(recorded.counts.flops - base.counts.flops, 0))
+        extra_seconds = max(seconds - base_seconds, 0.0)
+        if cost == "model":
+            value = max(calibration.seconds(recorded.counts) - calibration.seconds(base.counts), 0.0)
+            value = round(value, 9)
+        elif cost == "time":
+            value = extra_seconds
         elif cost == "flops":
-            table[strategy] = (held, extra_flops)
+            value = extra_flops
         else:  # FLOPs, plus the time those FLOPs do not explain, in FLOP-equivalents
             unexplained = max(extra_seconds - extra_flops * seconds_per_flop, 0.0)
-            table[strategy] = (held, extra_flops + unexplained / max(seconds_per_flop, 1e-30))
+            value = extra_flops + unexplained / max(seconds_per_flop, 1e-30)
+        table[strategy] = BlockProfile(held, value, recorded)
     return table

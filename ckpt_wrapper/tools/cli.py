@@ -3,6 +3,7 @@
     ckpt-wrapper demo [--steps N ...]                          # or: python -m ckpt_wrapper demo
     torchrun --nproc_per_node 2 -m ckpt_wrapper demo
     ckpt-wrapper plan --memory-budget 0.5 --out plan.json
+    ckpt-wrapper inspect --memory-budget 0.3 --png step.png
     torchrun --nproc_per_node 2 -m ckpt_wrapper parity --plan plan.json
     ckpt-wrapper --version
 
@@ -24,7 +25,7 @@ import torch
 
 from ckpt_wrapper import __version__
 from ckpt_wrapper.testing import command as parity_command
-from ckpt_wrapper.tools import bench, demo, plan_command
+from ckpt_wrapper.tools import bench, demo, inspect_command, plan_command
 
 __all__ = ["OneLineErrorParser", "build_parser", "main", "version_text"]
 
@@ -34,6 +35,7 @@ _COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "bench": (bench, "step time against activation memory: no checkpointing, full, selective, offload, plans, PyTorch's tools"),
     "parity": (parity_command, "prove a checkpointed, sharded model trains exactly like a reference (under torchrun)"),
     "plan": (plan_command, "choose a strategy per block under a memory budget; print the plan, save it as JSON"),
+    "inspect": (inspect_command, "what one step saves, recomputes and offloads, before and after a plan; its peak"),
 }
 
 

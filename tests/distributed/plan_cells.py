@@ -80,3 +80,47 @@ def plan_then_fsdp2_step(which: str, budget: float = 0.6) -> dict[str, Any]:
     differ = [name for name in grads[0] if not torch.equal(grads[0][name], grads[1][name])]
     return {"json": plan.to_json(), "wrapped": wrapped, "strategies": [str(e.strategy) for e in plan.entries],
             "loss_equal": bool(torch.equal(losses[0], losses[1])), "grads_differ": differ}
+
+
+def peak_components_under_fsdp2() -> dict[str, Any]:
+    """Plan for FSDP2 over this group with AdamW, shard as planned, train two steps; return the predicted
+    components beside what the sharded model really holds on this rank, and both peaks."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ckpt_wrapper.measure import measured_step_peak
+    from ckpt_wrapper.planner.memory import StaticMemory
+    from ckpt_wrapper.planner.profile import find_blocks
+
+    base = _model(0)
+    tokens, targets = _tokens(3000)
+    plan = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, optimizer=torch.optim.AdamW, sharding="fsdp2")
+    static = StaticMemory.of(base, find_blocks(base, None), optimizer=torch.optim.AdamW, sharding="fsdp2",
+                             world_size=dist.get_world_size())
+    model = copy.deepcopy(base)
+    plan.apply(model)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def local_bytes(tensors: Any) -> int:
+        storages = {t.to_local().untyped_storage().data_ptr(): t.to_local().untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    model.loss(tokens, targets).backward()
+    grads = local_bytes(p.grad for p in model.parameters())
+    optimizer.step()
+    optimizer.zero_grad()
+
+    def step() -> None:
+        out = model(tokens)  # referenced until the step ends, as the planner assumes
+        out.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    measured = measured_step_peak(step, model, optimizer)
+    dist.barrier()
+    return {"json": plan.to_json(), "predicted": plan.peak["components"], "world": plan.peak["world_size"],
+            "parameters": local_bytes(model.parameters()), "gradients": grads, "static_gradients": static.gradients(),
+            "optimizer_state": local_bytes(v for s in optimizer.state.values() for v in s.values() if v.dim() > 0),
+            "predicted_peak": plan.peak["peak_bytes"], "measured_peak": measured}

@@ -1,13 +1,13 @@
 """The memory-budget planner: its plans fit the budget, behave monotonically, round-trip, and apply exactly.
 
 Budgets are checked against memory measured *after* applying the plan to a copy of the model:
-- ``measure="held"`` (the default) plans from glibc's bytes held after forward, so the applied plan is
+- ``measure="held"`` plans from glibc's bytes held after forward, so the applied plan is
   measured the same way (``held_after_forward``; skipped without mallinfo2). That measure carries
   allocator bookkeeping noise of a few KiB (up to 0.5% of these models' activations, run to run), so the
   check allows ``HELD_NOISE`` (1% of the unwrapped bytes) above the budget: a strict check flakes on the
   GPT at 0.6 (2 runs in 6 here), while a real mis-prediction is several percent;
-- ``measure="saved"`` with ``cost="flops"`` is the deterministic mode (``DETERMINISTIC``; the default
-  cost adds measured time on CPU), used wherever plans are compared with each other, and its plans are
+- ``measure="saved"`` with ``cost="flops"`` (``DETERMINISTIC``) or with the default ``cost="model"`` is
+  deterministic, used wherever plans are compared with each other, and its plans are
   checked with a deterministic measure that sees every way activations stay alive
   (``probes.live_bytes_after_forward``: storages made by forward and still alive, parameters and output
   excluded).
@@ -100,7 +100,7 @@ def test_gpt_plan_meets_budget_in_bytes_held_after_forward(budget) -> None:
     promises a budget it does not keep.
     """
     model, tokens = _gpt(MEASURED)
-    plan = _plan(model, tokens, budget)
+    plan = _plan(model, tokens, budget, measure="held")
     assert plan.predicted_bytes <= plan.budget_bytes, str(plan)
     applied = copy.deepcopy(model)
     plan.apply(applied)
@@ -122,7 +122,7 @@ def test_llama_plan_meets_budget_in_bytes_held_after_forward(budget) -> None:
     # FLOP cost: the same plan every run. With measured time (the CPU default) the choice follows the
     # machine's load, and under heavy load it once chose a plan holding more than predicted (a
     # prediction gap the deterministic planner of a later change is to close).
-    plan = _plan(model, batch, budget, cost="flops")
+    plan = _plan(model, batch, budget, measure="held", cost="flops")
     assert plan.predicted_bytes <= plan.budget_bytes, str(plan)
     applied = copy.deepcopy(model)
     plan.apply(applied)

@@ -1,0 +1,81 @@
+"""The planner's predicted step peak against the measured one, at several budgets, on one process.
+
+For each budget: ``ckpt_wrapper.plan(model, tokens, memory_budget=B, optimizer=AdamW)``, the plan applied to a
+copy, one warm-up training step (forward, sum of the logits, backward, AdamW step, ``zero_grad``), then the
+peak of the next step measured independently of the planner: PyTorch's ``MemTracker`` on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA (``ckpt_wrapper.measure.measured_step_peak``). Memory only: no
+timing, so a busy machine does not change the figures. Planning is deterministic (the default cost).
+
+Usage:
+    # the CPU reference workload (models.CPU_REFERENCE, batch 4, fp32), one thread:
+    python scripts/bench/planner_peak.py --reference
+    # a tiny HF Llama (transformers, no download):
+    python scripts/bench/planner_peak.py --llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+import ckpt_wrapper
+from ckpt_wrapper import by_class_name
+from ckpt_wrapper.measure import measured_step_peak
+from ckpt_wrapper.table import format_table
+from ckpt_wrapper.testing.models import CPU_REFERENCE, GPT, GPTConfig
+
+
+def main() -> None:
+    """Plan at each budget, measure, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", action="store_true", help="models.CPU_REFERENCE instead of a small GPT")
+    parser.add_argument("--llama", action="store_true", help="a tiny HF LlamaForCausalLM instead of the GPT")
+    parser.add_argument("--budgets", default="1.0,0.5,0.3,0.1", help="activation budgets (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.llama:
+        import transformers
+
+        config = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                          num_attention_heads=8, num_key_value_heads=4, vocab_size=2000)
+        model = transformers.LlamaForCausalLM(config)
+        batch: object = {"input_ids": torch.randint(0, 2000, (4, 128)), "use_cache": False}
+        options = {"check_fn": by_class_name("LlamaDecoderLayer")}
+        name = "HF Llama (4 layers, hidden 256, seq 128, batch 4)"
+    else:
+        config = CPU_REFERENCE if args.reference else GPTConfig(n_layer=8, d_model=256, n_head=4, seq_len=128,
+                                                                vocab_size=2000)
+        model = GPT(config)
+        batch = torch.randint(0, config.vocab_size, (4, config.seq_len))
+        options = {}
+        name = f"GPT ({config.n_layer} blocks, width {config.d_model}, seq {config.seq_len}, batch 4)"
+    rows = []
+    for budget in (float(b) for b in args.budgets.split(",")):
+        plan = ckpt_wrapper.plan(model, batch, memory_budget=budget, optimizer=torch.optim.AdamW, **options)
+        applied = copy.deepcopy(model)
+        plan.apply(applied)
+        optimizer = torch.optim.AdamW(applied.parameters())
+
+        def step() -> None:
+            out = applied(**batch) if isinstance(batch, dict) else applied(batch)
+            (out.logits if hasattr(out, "logits") else out).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        step()
+        measured = measured_step_peak(step, applied, optimizer)
+        predicted = plan.peak["peak_bytes"]
+        rows.append([f"{budget:g}", str(plan.entries[0].strategy), plan.peak["at"], f"{predicted / 2**20:.2f}",
+                     f"{measured / 2**20:.2f}", f"{predicted / measured - 1:+.2%}"])
+        del applied, optimizer
+    print(f"{name}, fp32, AdamW, torch {torch.__version__}, {args.threads} thread(s)")
+    print(format_table(rows, headers=["budget", "block 0", "peak at", "predicted MiB", "measured MiB", "error"],
+                       align="lllrrr"))
+
+
+if __name__ == "__main__":
+    main()
