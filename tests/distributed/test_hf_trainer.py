@@ -62,7 +62,7 @@ def _trainer(output_dir: str, **overrides):
                 max_steps=STEPS, learning_rate=0.1, lr_scheduler_type="constant", optim="sgd", report_to=[],
                 logging_strategy="no", save_strategy="no", seed=7, dataloader_num_workers=0, disable_tqdm=True,
                 ddp_find_unused_parameters=False)
-    if not torch.cuda.is_available():
+    if "WORLD_SIZE" in os.environ and not torch.cuda.is_available():  # under torchrun; in-process: one process
         args["ddp_backend"] = "gloo"
     args.update(overrides)
     return Trainer(model=_llama(), args=TrainingArguments(**args), train_dataset=_Tokens())

@@ -147,7 +147,8 @@ def _train(base, ac_config, rank: int, world_size: int) -> dict:
     from ckpt_wrapper.state import ActivationWrapper
 
     names = [name for name, _ in model.named_parameters()]
-    return {"wrapped": [fqn for fqn, m in model.named_modules() if isinstance(m, ActivationWrapper)], "grads": grads, "params": [_local(p) for p in model.parameters()], "names": names,
+    return {"wrapped": [fqn for fqn, m in model.named_modules() if isinstance(m, ActivationWrapper)], "grads": grads,
+            "params": [_local(p) for p in model.parameters()], "names": names,
             "prefixed_names": sum("_checkpoint_wrapped_module" in name for name in names)}
 
 
