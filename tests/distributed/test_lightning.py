@@ -155,7 +155,7 @@ def _module_class():
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().clone()
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().clone().cpu()
 
 
 def _fit(strategy, module, callbacks=(), checkpoint_path: str | None = None) -> dict:
@@ -171,7 +171,10 @@ def _fit(strategy, module, callbacks=(), checkpoint_path: str | None = None) -> 
 
     tokens = torch.randint(0, CONFIG["vocab_size"], (4 * STEPS, CONFIG["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
     loader = DataLoader(TensorDataset(tokens), batch_size=2, shuffle=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=STEPS,
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    accelerator = "cuda" if isinstance(strategy, FSDPStrategy) else "cpu"  # Lightning 2.6 refuses FSDPStrategy on CPU
+    trainer = pl.Trainer(accelerator=accelerator, devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=STEPS,
                          callbacks=[*callbacks, Record()], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     torch.manual_seed(100 + int(os.environ["RANK"]))  # each rank's dropout stream, equal across fits
