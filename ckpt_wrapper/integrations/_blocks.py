@@ -1,4 +1,4 @@
-"""What every framework integration shares: one way to say which blocks get which checkpointing.
+"""One way for an integration to say which blocks get which checkpointing (Lightning's uses it).
 
 An integration receives either a ``Plan`` (from ``ckpt_wrapper.plan``, or a path to its JSON) or a
 selection (``check_fn``) with a wrapper or ``checkpoint_wrapper`` options, and wraps through the core's

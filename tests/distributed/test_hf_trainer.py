@@ -170,7 +170,7 @@ def _saved_names(directory: str) -> list[str]:
         return sorted(handle.keys())
 
 
-def scenarios(kind: str) -> dict:
+def scenarios(kind: str, folder: str) -> dict:
     """Every training of the launched job; returns the report rank 0 prints."""
     import functools
 
@@ -180,7 +180,6 @@ def scenarios(kind: str) -> dict:
 
     report: dict = {}
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    folder = tempfile.mkdtemp()
     if kind == "fsdp":
         for version in (1, 2):
             fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": version, "activation_checkpointing": False})
@@ -219,7 +218,8 @@ def scenarios(kind: str) -> dict:
 
 def _main(kind: str) -> int:
     torch.set_num_threads(1)
-    report = scenarios(kind)
+    with tempfile.TemporaryDirectory() as folder:
+        report = scenarios(kind, folder)
     import torch.distributed as dist
 
     if int(os.environ.get("RANK", "0")) == 0:

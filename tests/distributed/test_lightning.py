@@ -62,6 +62,9 @@ def test_fsdp_strategy_checkpointing_is_refused_and_its_policy_gives_the_blocks(
     wrapped = integration.checkpoint_blocks(model, where="lightning", check_fn=None, plan=None, checkpoint_wrapper_fn=None,
                                             checkpoint_options={}, auto_wrap_policy=integration._strategy_policy(strategy))
     assert wrapped == ["layers.0", "layers.1"]
+    # The policy FSDP1 shards with still makes each checkpointed block a unit (FSDP runs _run_policy to choose).
+    targets = integration._strategy_policy(strategy)._run_policy(model, set(), {})
+    assert {name for name, m in model.named_modules() if m in targets} >= {"layers.0", "layers.1"}, targets
 
 
 def test_callback_refuses_what_would_change_training() -> None:
@@ -205,7 +208,7 @@ def _same(got: dict, expected: dict, what: str, exact: bool = True) -> None:
                                        msg=lambda m: f"{what} {kind} {name}: {m}")
 
 
-def scenarios(kind: str) -> dict:
+def scenarios(kind: str, folder: str) -> dict:
     """Every fit of the launched job; returns the report rank 0 prints."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -217,8 +220,7 @@ def scenarios(kind: str) -> dict:
     LitGPT = _module_class()
     blocks = by_class_name("Block")
     report: dict = {}
-    folder = tempfile.mkdtemp() if int(os.environ["RANK"]) == 0 else None
-    path = lambda name: os.path.join(folder, name) if folder else os.path.join(tempfile.gettempdir(), "unused")  # noqa: E731
+    path = functools.partial(os.path.join, folder)  # Lightning writes checkpoints from rank 0 only
 
     if kind == "fsdp":
         def fsdp():
@@ -286,7 +288,8 @@ def _main(kind: str) -> int:
     torch.set_num_threads(1)
     # The group exists before the first fit, so the plan (a collective) can run; Lightning reuses it.
     dist.init_process_group("nccl" if kind == "fsdp" else "gloo")
-    report = scenarios(kind)
+    with tempfile.TemporaryDirectory() as folder:
+        report = scenarios(kind, folder)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(report), flush=True)
     dist.barrier()

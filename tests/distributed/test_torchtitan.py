@@ -161,7 +161,7 @@ def _same(got: dict, expected: dict, what: str) -> None:
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m: f"{what} param {got['names'][i]}: {m}")
 
 
-def scenarios() -> dict:
+def scenarios(folder: str) -> dict:
     import torch.distributed as dist
     from torchtitan.distributed.activation_checkpoint import FullAC
 
@@ -177,7 +177,7 @@ def scenarios() -> dict:
 
     plan = ckpt_wrapper.plan(copy.deepcopy(base), batch(0, 0)[:, :-1], memory_budget=0.93, measure="saved", cost="flops",
                              check_fn=ckpt_wrapper.by_name("layers.*"))
-    plan_path = os.path.join(tempfile.mkdtemp(), "plan.json")
+    plan_path = os.path.join(folder, "plan.json")
     plan.save(plan_path)  # every rank holds the same plan (rank 0 made it); each saves its own copy
     runs = {"full": ac_config(mode="full"), "selective": ac_config(mode="selective", preset="titan"),
             "plan": ac_config(mode="plan", plan_path=plan_path),
@@ -195,7 +195,8 @@ def _main() -> int:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    report = scenarios()
+    with tempfile.TemporaryDirectory() as folder:
+        report = scenarios(folder)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(report), flush=True)
     dist.barrier()
