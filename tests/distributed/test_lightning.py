@@ -67,12 +67,25 @@ def test_fsdp_strategy_checkpointing_is_refused_and_its_policy_gives_the_blocks(
     assert {name for name, m in model.named_modules() if m in targets} >= {"layers.0", "layers.1"}, targets
 
 
-def test_callback_refuses_what_would_change_training() -> None:
-    """``preserve_rng_state=False`` and a plan mixed with options are refused when the callback sets up.
+def test_missing_lightning_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Lightning, the module imports (doctest collection does) and the callback's ImportError says what
+    to install. A failure means users get a bare ModuleNotFoundError, or importing the module needs Lightning."""
+    from ckpt_wrapper.integrations import lightning as integration
+
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    integration._callback_class.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"pip install 'lightning"):
+            integration.CheckpointingCallback
+    finally:
+        integration._callback_class.cache_clear()
+
+
+def test_refusals_of_what_would_change_training() -> None:
+    """``preserve_rng_state=False``, no selection and a plan mixed with options are refused.
 
     A failure means the integration silently trains something other than the unwrapped model.
     """
-    pytest.importorskip("lightning")
     from ckpt_wrapper.integrations.lightning import apply_checkpointing
     from ckpt_wrapper.testing.models import GPT, GPTConfig
     from ckpt_wrapper import by_class_name
