@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_wrapper.integrations._blocks import checkpoint_blocks
+from ckpt_wrapper.integrations.blocks import checkpoint_blocks
 from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.planner import Plan
 

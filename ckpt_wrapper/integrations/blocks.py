@@ -18,6 +18,8 @@ from ckpt_wrapper.apply import apply_activation_checkpointing
 from ckpt_wrapper.planner import Plan
 from ckpt_wrapper.wrapper import checkpoint_wrapper
 
+__all__ = ["checkpoint_blocks"]
+
 
 def checkpoint_blocks(
     model: nn.Module,
