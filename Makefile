@@ -4,11 +4,16 @@
 #   make wheel-check   build a wheel, install it with torch into a fresh venv, smoke-test it outside the repo
 #   make gpu-check   on a CUDA machine: CUDA tests, NCCL parity, benchmarks, planner peak; gpu-results/ summary
 # Overrides: PYTHON (interpreter that creates the venv), VENV (an existing venv with your own torch
-# is used as is), TORCH_SPEC (what to install when the venv has no torch), ARGS (demo flags),
+# is used as is), TORCH_SPEC (what to install when the venv has no torch), TORCHTITAN_SPEC and TRITON_SPEC (the
+# torchtitan integration's packages, installed with --no-deps), ARGS (demo flags),
 # PYTEST_ARGS (pytest flags).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# torchtitan is installed without its declared dependencies (pyproject.toml, the integrations extra, says why);
+# triton only when torch did not bring one.
+TORCHTITAN_SPEC ?= torchtitan==0.3.0
+TRITON_SPEC ?= triton==3.9.0
 ARGS ?=
 PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
@@ -18,7 +23,9 @@ PY := $(VENV)/bin/python
 $(VENV)/.ckpt_wrapper-ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,integrations]"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install --no-deps "$(TRITON_SPEC)"
+	$(PY) -m pip install --no-deps "$(TORCHTITAN_SPEC)"
 	touch $@
 
 setup: $(VENV)/.ckpt_wrapper-ready
