@@ -105,14 +105,28 @@ class RankPool:
             )
         return [got[rank][1] for rank in range(self.world)]
 
-    def close(self, *, kill: bool = False) -> None:
-        """Stop the ranks: politely (barrier, destroy the group), or by killing them."""
-        self.broken = True
-        if not kill:
+    def close(self, *, kill: bool = False, wait: bool = True) -> None:
+        """Stop the ranks: politely (barrier, destroy the group), or by killing them.
+
+        ``wait=False`` asks them to stop and returns at once (they leave while the next tests run);
+        ``join`` later waits for them, and kills any rank still there after 30 s.
+        """
+        if not kill and not self.broken:
             for task_queue in self._tasks:
                 task_queue.put(None)
-            for proc in self._procs:
-                proc.join(timeout=30)
+        self.broken = True
+        if kill:
+            self._kill()
+        elif wait:
+            self.join()
+
+    def join(self) -> None:
+        """Wait (30 s at most) for ranks asked to stop, then kill the ones left."""
+        for proc in self._procs:
+            proc.join(timeout=30)
+        self._kill()
+
+    def _kill(self) -> None:
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()

@@ -1,7 +1,10 @@
-"""``ckpt-wrapper parity`` under torchrun: the harness users run on their own model, end to end.
+"""``ckpt-wrapper parity`` on 2 ranks: the harness users run on their own model, end to end.
 
-CPU cells use gloo; CUDA cells (world size 1 with NCCL, bf16 mixed precision) prove the CUDA paths and
-skip without a GPU; multi-GPU cells skip with fewer than two GPUs.
+CPU cells use gloo. One passing cell and the usage error run under torchrun, ``python -m ckpt_wrapper
+parity`` end to end; the other CPU cells run the same command (``ckpt_wrapper.tools.cli.main``) on the
+session's rank pool, which the command joins and leaves as it does torchrun's group. CUDA cells (world
+size 1 with NCCL, bf16 mixed precision) prove the CUDA paths and skip without a GPU; multi-GPU cells skip
+with fewer than two GPUs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pathlib
 import pytest
 import torch
 
+import driver_cells
 from pool import torchrun
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,23 +33,36 @@ def _parity(nproc: int, *flags: str) -> str:
     return result.stdout
 
 
+def _parity_in_pool(pool, *flags: str, status: int = 0) -> str:
+    """``ckpt-wrapper parity FLAGS`` on every rank of ``pool``; each rank's exit status is ``status``.
+    Returns the ranks' stdout joined, as torchrun prints it."""
+    results = pool.run(driver_cells.run_cli, ["parity", *flags])
+    output = "\n".join(f"=== rank {rank}: exit status {code}\n{out[-4000:]}\n{err[-4000:]}"
+                       for rank, (code, out, err) in enumerate(results))
+    assert [code for code, _, _ in results] == [status] * pool.world, output
+    return "".join(out for _, out, _ in results)
+
+
 @pytest.mark.parametrize("flags", [
     ("--parallel", "fsdp2"),
     ("--parallel", "fsdp1", "--ac-order", "after", "--sharding-strategy", "SHARD_GRAD_OP"),
     ("--parallel", "ddp", "--ac", "offload"),
 ], ids=["fsdp2", "fsdp1-after", "ddp-offload"])
-def test_parity_command_passes_on_cpu_ranks(flags):
-    """The command trains the built-in GPT on 2 gloo ranks and reports parity; exit status 0."""
-    _parity(2, *flags)
+def test_parity_command_passes_on_cpu_ranks(pool2, flags):
+    """The command trains the built-in GPT on 2 gloo ranks and reports parity; exit status 0.
+    FSDP2 under torchrun (the entry point end to end), the other recipes in the pool."""
+    if flags == ("--parallel", "fsdp2"):
+        _parity(2, *flags)
+    else:
+        stdout = _parity_in_pool(pool2, *flags)
+        assert ": OK" in stdout, stdout[-6000:]
 
 
-def test_parity_command_exits_nonzero_when_model_differs():
-    """A user model whose blocks behave differently when recomputed must fail the check (exit 1)."""
-    result = torchrun(2, "-m", "ckpt_wrapper", "parity", "--model", "parity_targets:drifting_model",
-                      "--batch-fn", "parity_targets:batch", "--blocks", "Drifting", "--parallel", "ddp",
-                      env=_env())
-    assert result.returncode == 1, result.stdout + result.stderr[-4000:]
-    assert "FAILED" in result.stdout
+def test_parity_command_exits_nonzero_when_model_differs(pool2):
+    """A user model whose blocks behave differently when recomputed must fail the check (exit 1 on every rank)."""
+    stdout = _parity_in_pool(pool2, "--model", "parity_targets:drifting_model", "--batch-fn", "parity_targets:batch",
+                             "--blocks", "Drifting", "--parallel", "ddp", status=1)
+    assert "FAILED" in stdout
 
 
 def test_parity_command_rejects_model_without_batch():
@@ -115,16 +132,17 @@ def test_ranks_import_this_checkout():
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_parity_command_on_a_hugging_face_llama(parallel):
-    """A Hugging Face LlamaForCausalLM (built from a config) under torchrun on 2 CPU ranks, with no batch
+def test_parity_command_on_a_hugging_face_llama(pool2, parallel):
+    """A Hugging Face LlamaForCausalLM (built from a config) on 2 CPU ranks (the pool), with no batch
     function (token ids from its vocabulary) and its ``CausalLMOutputWithPast`` compared by the logits.
 
     Failed before: ``AttributeError: 'CausalLMOutputWithPast' object has no attribute 'flatten'`` (and
     ``--model`` without ``--batch-fn`` was refused).
     """
     pytest.importorskip("transformers")
-    stdout = _parity(2, "--model", "parity_targets:llama", "--blocks", "LlamaDecoderLayer", "--parallel", parallel,
-                     "--min-ranks", "2")
+    stdout = _parity_in_pool(pool2, "--model", "parity_targets:llama", "--blocks", "LlamaDecoderLayer",
+                             "--parallel", parallel, "--min-ranks", "2")
+    assert ": OK" in stdout, stdout[-6000:]
     assert "2 block(s) wrapped" in stdout and "parity OK on 2 ranks (world size 2): exit status 0" in stdout, stdout
 
 
@@ -176,7 +194,7 @@ def _plan_entries(path: pathlib.Path, **changes: str) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_saved_plan_feeds_parity_plan(tmp_path, capsys, monkeypatch):
+def test_saved_plan_feeds_parity_plan(pool2, tmp_path, capsys, monkeypatch):
     """End to end: ``ckpt-wrapper plan --out`` saves a plan that ``parity --plan`` applies on 2 ranks and
     passes; a plan naming a block the model lacks is exit status 2 with one line naming it.
 
@@ -187,7 +205,7 @@ def test_saved_plan_feeds_parity_plan(tmp_path, capsys, monkeypatch):
     plan = tmp_path / "plan.json"
     assert _main("plan", "--memory-budget", "0.3", "--cost", "flops", "--measure", "saved", "--out", str(plan)) == 0
     assert "saved the plan" in capsys.readouterr().out
-    stdout = _parity(2, "--plan", str(plan), "--parallel", "ddp", "--ac-order", "after")  # names under DDP's module.
+    stdout = _parity_in_pool(pool2, "--plan", str(plan), "--parallel", "ddp", "--ac-order", "after")  # under DDP's module.
     assert "parity OK on 2 ranks" in stdout, stdout
     assert _main("parity", "--plan", str(plan), "--parallel", "fsdp2", "--steps", "1") == 0  # units: planned classes
     assert "parity OK on 1 rank only" in capsys.readouterr().out

@@ -1,9 +1,12 @@
-"""scripts/launch/ under torchrun (2 gloo ranks): the example train.py, the driver's resume and parallelisms,
-the launchers, the one flag vocabulary, and the collective counts docs/distributed.md publishes.
+"""scripts/launch/ on 2 gloo ranks: the example train.py, the driver's resume and parallelisms, the
+launchers, the one flag vocabulary, and the collective counts docs/distributed.md publishes.
 
-The driver's resume test chains three runs off one checkpoint directory and compares their losses with an
-uninterrupted run: bitwise on CPU, with dropout on (so each rank's RNG state must be restored), and with
-the last run wrapping blocks differently from the runs that saved (names do not depend on wrapping).
+The example, the launchers and the documented example run under torchrun; the driver's runs, which need
+nothing of the launcher, run in the session's rank pool (``driver_cells.run_driver``: the driver's ``main``
+on each rank, in the pool's group). The driver's resume test chains three runs off one checkpoint
+directory and compares their losses with an uninterrupted run: bitwise on CPU, with dropout on (so each
+rank's RNG state must be restored), and with the last run wrapping blocks differently from the runs that
+saved (names do not depend on wrapping).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import driver_cells
 from ckpt_wrapper.tools.train_driver.args import build_parser, check_args
 from pool import torchrun
 
@@ -37,27 +41,32 @@ def _explain(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit status {result.returncode}\n--- stdout ---\n{result.stdout[-8000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
 
 
-def _train(tmp_path: Path, name: str, *flags: str, nproc: int = 2) -> dict:
+def _train(pool, tmp_path: Path, name: str, *flags: str) -> dict:
+    """The driver with ``TINY`` and ``flags`` on the pool's 2 ranks: its metrics, and the ranks' streams
+    joined as torchrun prints them."""
     metrics = tmp_path / f"{name}.json"
-    result = torchrun(nproc, DRIVER, *TINY, *flags, "--metrics-out", str(metrics))
-    assert result.returncode == 0, f"{name}: {_explain(result)}"
-    assert result.stdout.count("summary") == 1, f"{name}: rank 0 alone prints the summary\n{_explain(result)}"
-    return {**json.loads(metrics.read_text()), "stdout": result.stdout, "stderr": result.stderr}
+    results = pool.run(driver_cells.run_driver, [*TINY, *flags, "--metrics-out", str(metrics)])
+    explain = "\n".join(f"=== rank {rank}: exit status {status}\n--- stdout ---\n{out[-8000:]}\n--- stderr ---\n"
+                        f"{err[-12000:]}" for rank, (status, out, err) in enumerate(results))
+    assert [status for status, _, _ in results] == [0, 0], f"{name}: {explain}"
+    assert [out.count("summary") for _, out, _ in results] == [1, 0], f"{name}: rank 0 alone prints the summary\n{explain}"
+    return {**json.loads(metrics.read_text()), "stdout": "".join(out for _, out, _ in results),
+            "stderr": "".join(err for _, _, err in results)}
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_runs_give_the_uninterrupted_losses_bitwise(tmp_path: Path) -> None:
+def test_stopped_and_resumed_runs_give_the_uninterrupted_losses_bitwise(pool2, tmp_path: Path) -> None:
     """Steps 1-2, then 3-4 (same wrapping), then 5-6 (other blocks, offload instead of recompute) equal 1-6.
 
     A failure means a resumed run diverges: model or optimizer state, a rank's RNG state (dropout) or the
     data position was not restored, or a checkpoint written with one wrapping does not load into another.
     """
     common = ["--parallel", "fsdp2", "--dropout", "0.1", "--steps", "6"]
-    whole = _train(tmp_path, "whole", *common, "--ac", "full")
+    whole = _train(pool2, tmp_path, "whole", *common, "--ac", "full")
     ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
-    first = _train(tmp_path, "first", *common, "--ac", "full", *ckpt, "--stop-after", "2")
-    second = _train(tmp_path, "second", *common, "--ac", "full", *ckpt, "--stop-after", "4")
-    third = _train(tmp_path, "third", *common, "--ac", "offload", "--offload-cpu-copy", "--every", "2", *ckpt)
+    first = _train(pool2, tmp_path, "first", *common, "--ac", "full", *ckpt, "--stop-after", "2")
+    second = _train(pool2, tmp_path, "second", *common, "--ac", "full", *ckpt, "--stop-after", "4")
+    third = _train(pool2, tmp_path, "third", *common, "--ac", "offload", "--offload-cpu-copy", "--every", "2", *ckpt)
 
     assert (first["first_step"], second["first_step"], third["first_step"]) == (1, 3, 5)
     assert (second["resumed_from"], third["resumed_from"]) == (2, 4)
@@ -73,14 +82,14 @@ def test_stopped_and_resumed_runs_give_the_uninterrupted_losses_bitwise(tmp_path
     ("--parallel", "ddp", "--ac", "full+offload", "--offload-cpu-copy", "--param-dtype", "bf16"),
     ("--parallel", "fsdp2", "--model", "llama", "--sharding-strategy", "SHARD_GRAD_OP"),
 ], ids=["fsdp1-after-every2-bar", "ddp-full+offload-bf16", "fsdp2-llama"])
-def test_training_runs_under_each_parallelism(tmp_path: Path, flags: tuple[str, ...]) -> None:
+def test_training_runs_under_each_parallelism(pool2, tmp_path: Path, flags: tuple[str, ...]) -> None:
     """Two steps on 2 ranks: the summary table, the progress display, and losses of the GPT agree across recipes.
 
     A failure means a documented flag combination does not train.
     """
     if "llama" in flags:
         pytest.importorskip("transformers")
-    run = _train(tmp_path, "run", *flags, "--steps", "2")
+    run = _train(pool2, tmp_path, "run", *flags, "--steps", "2")
     for row in ("parallelism", "checkpointing", "tokens/s (global)", "activation memory (max over ranks)"):
         assert row in run["stdout"], run["stdout"]
     assert run["tokens_per_s"] > 0 and run["activation_memory_bytes"] > 0
@@ -91,16 +100,37 @@ def test_training_runs_under_each_parallelism(tmp_path: Path, flags: tuple[str, 
         assert abs(run["losses"]["1"] - reference) < 0.3, run["losses"]
 
 
+_EAGER_THEN_COMPILED = """
+import json, sys
+from ckpt_wrapper.tools.train_driver import main
+eager, compiled = json.loads(sys.argv[1])
+status = main(eager)
+print("=== compiled", flush=True)
+sys.exit(status or main(compiled))
+"""
+
+
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager_ones(tmp_path: Path) -> None:
     """``--compile`` (each checkpointed block compiled in place; aot_eager to keep CI fast) matches eager.
 
-    One process (under torchrun). A failure means compiling wrapped blocks changes the numbers or cannot run.
+    One process, no launcher (``--parallel none``: a one-rank group of the driver's own), running the eager
+    and then the compiled run, each making and shutting down its group. A failure means compiling wrapped
+    blocks changes the numbers or cannot run.
     """
-    flags = ["--parallel", "none", "--steps", "2"]
-    eager = _train(tmp_path, "eager", *flags, nproc=1)
-    compiled = _train(tmp_path, "compiled", *flags, "--compile", "--compile-backend", "aot_eager", nproc=1)
-    assert "/ aot_eager" in compiled["stdout"]
+    common = [*TINY, "--parallel", "none", "--steps", "2"]
+    eager_flags = [*common, "--metrics-out", str(tmp_path / "eager.json")]
+    compiled_flags = [*common, "--compile", "--compile-backend", "aot_eager", "--metrics-out",
+                      str(tmp_path / "compiled.json")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", _EAGER_THEN_COMPILED, json.dumps([eager_flags, compiled_flags])],
+                            capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, _explain(result)
+    eager_out, compiled_out = result.stdout.split("=== compiled\n")
+    assert eager_out.count("summary") == 1 and compiled_out.count("summary") == 1, _explain(result)
+    assert "/ aot_eager" in compiled_out and "/ aot_eager" not in eager_out, _explain(result)
+    eager, compiled = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("eager", "compiled"))
     for step, loss in eager["losses"].items():
         assert compiled["losses"][step] == pytest.approx(loss, rel=1e-5), (compiled["losses"], eager["losses"])
 

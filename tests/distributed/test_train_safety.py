@@ -1,14 +1,15 @@
 """The training driver cannot corrupt a run, says each mistake once, and reports what it measured.
 
-Real torchrun launches of 2 gloo ranks (scripts/launch/train_driver.py), plus in-process checks of the
-checkpoint files. Each test names the previous behaviour it catches: every one of them failed before
-the driver validated its folder, stored run.json, wrote steps atomically, handled signals and printed
-errors on rank 0 alone.
+The driver (scripts/launch/train_driver.py) on 2 gloo ranks: in the session's rank pool, where a check
+needs only the driver's own behaviour (``driver_cells.run_driver``), and as real torchrun launches where
+it needs the launcher's (signals to the launch or to one rank, torchrun's report of a rank's exit status,
+``--parallel accelerate``); plus in-process checks of the checkpoint files. Each test names the previous
+behaviour it catches: every one of them failed before the driver validated its folder, stored run.json,
+wrote steps atomically, handled signals and printed errors on rank 0 alone.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import driver_cells
 from pool import _free_port, torchrun
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,21 +36,30 @@ def _explain(result: subprocess.CompletedProcess[str] | tuple[int, str, str]) ->
     return f"exit status {code}\n--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-8000:]}"
 
 
+def _explain_ranks(results: list[tuple[int, str, str]]) -> str:
+    return "\n".join(f"=== rank {rank}: {_explain(result)}" for rank, result in enumerate(results))
+
+
 def _no_rank_tracebacks(out: str, err: str) -> None:
     """The ranks printed no traceback (torchrun's own report of a failed launch is not theirs)."""
     assert "[rank0]:" not in out + err and "[rank1]:" not in out + err, _explain((0, out, err))
     assert "KeyboardInterrupt" not in out + err, _explain((0, out, err))
 
 
+def _in_pool(pool, *flags: str) -> list[tuple[int, str, str]]:
+    """The driver with ``TINY`` and ``flags`` on every rank of ``pool``: (status, stdout, stderr) per rank."""
+    return pool.run(driver_cells.run_driver, [*TINY, *flags])
+
+
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def saved(rank_pools, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Steps 1-4 of a 5-step run without checkpointing, saving every step and keeping the last 2."""
     root = tmp_path_factory.mktemp("saved")
     metrics = root / "metrics.json"
-    result = torchrun(2, DRIVER, *TINY, "--ac", "none", "--steps", "5", "--stop-after", "4", "--save-every", "1",
-                      "--keep-last", "2", "--checkpoint-dir", str(root / "ckpt"), "--metrics-out", str(metrics))
-    assert result.returncode == 0, _explain(result)
-    return {"dir": root / "ckpt", **json.loads(metrics.read_text()), "stdout": result.stdout}
+    results = _in_pool(rank_pools.get(2), "--ac", "none", "--steps", "5", "--stop-after", "4", "--save-every", "1",
+                       "--keep-last", "2", "--checkpoint-dir", str(root / "ckpt"), "--metrics-out", str(metrics))
+    assert [status for status, _, _ in results] == [0, 0], _explain_ranks(results)
+    return {"dir": root / "ckpt", **json.loads(metrics.read_text()), "stdout": results[0][1]}
 
 
 def _copy(saved: dict, tmp_path: Path) -> Path:
@@ -73,7 +84,7 @@ def test_keep_last_leaves_the_newest_steps_each_complete(saved: dict) -> None:
 
 
 @pytest.mark.slow
-def test_truncated_latest_step_is_named_and_the_previous_one_resumes_bitwise(saved: dict, tmp_path: Path) -> None:
+def test_truncated_latest_step_is_named_and_the_previous_one_resumes_bitwise(pool2, saved: dict, tmp_path: Path) -> None:
     """A truncated ``.distcp`` in step 4: one warning naming the file, resume from step 3, step 4's loss
     bitwise that of the run that saved; the damaged step is replaced. The resumed run wraps every block
     (``--ac full``), and its summary shows less activation memory than the saving run's (``--ac none``).
@@ -86,53 +97,72 @@ def test_truncated_latest_step_is_named_and_the_previous_one_resumes_bitwise(sav
     with damaged.open("r+b") as file:
         file.truncate(1000)
     metrics = tmp_path / "resumed.json"
-    result = torchrun(2, DRIVER, *TINY, "--ac", "full", "--steps", "5", "--save-every", "1", "--keep-last", "2",
-                      "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics))
-    assert result.returncode == 0, _explain(result)
-    warning = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and str(damaged) in warning[0] and "truncated" in warning[0], _explain(result)
+    results = _in_pool(pool2, "--ac", "full", "--steps", "5", "--save-every", "1", "--keep-last", "2",
+                       "--checkpoint-dir", str(ckpt), "--metrics-out", str(metrics))
+    assert [status for status, _, _ in results] == [0, 0], _explain_ranks(results)
+    out = "".join(stdout for _, stdout, _ in results)  # what torchrun would print: every rank's stdout
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and str(damaged) in warning[0] and "truncated" in warning[0], _explain_ranks(results)
     resumed = json.loads(metrics.read_text())
     assert resumed["resumed_from"] == 3 and resumed["first_step"] == 4, resumed
     assert resumed["losses"]["4"] == saved["losses"]["4"], (resumed["losses"], saved["losses"])  # exact floats
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000004", "step-00000005"]
     assert damaged.stat().st_size > 1000  # rewritten whole
-    assert "activation memory (max over ranks)" in result.stdout and "resident" not in result.stdout
+    assert "activation memory (max over ranks)" in out and "resident" not in out
     assert 0 < resumed["activation_memory_bytes"] < saved["activation_memory_bytes"] / 2, (resumed, saved)
     assert resumed["peak_memory_bytes"] is None  # CPU: no CUDA peak to report
 
 
+_MISTAKES = {
+    "flag": (["--stpes", "3"], "did you mean --steps?"),
+    "data": (["--data", "{tmp}/nonexistent.txt", "--vocab-size", "256"], "does not exist"),
+    "file": (["--checkpoint-dir", "{tmp}/not-a-folder"], "is a file"),
+    "foreign": (["--n-layer", "4", "--checkpoint-dir", "{saved}"], "--n-layer 2 there, 4 here"),
+}
+"""Mistake -> (flags, what its one error line says); ``{tmp}`` and ``{saved}`` are filled in by the test."""
+
+
+def _one_error_line(name: str, text: str, expected: str, explain: str) -> None:
+    errors = [line for line in text.splitlines() if line.startswith("train_driver.py: error:")]
+    assert len(errors) == 1 and expected in errors[0], f"{name}: {explain}"
+    assert "usage:" not in text and "step 1/" not in text, f"{name}: {explain}"
+
+
 @pytest.mark.slow
-def test_each_mistake_is_one_line_on_rank_zero_before_any_training(saved: dict, tmp_path: Path) -> None:
+def test_each_mistake_is_one_line_on_rank_zero_before_any_training(pool2, saved: dict, tmp_path: Path) -> None:
     """A mistyped flag, a missing ``--data`` file, a ``--checkpoint-dir`` that is a file, and a folder of
     another model (4 layers against the saved 2): each prints one ``error:`` line, on rank 0 alone, without
     the usage text or a rank traceback; every rank exits with status 2 before a step; nothing is written.
+
+    Every mistake runs in the pool (each rank's status and streams are seen apart); the mistyped flag also
+    runs under torchrun, for the launcher's view of the same path (``main`` handles every mistake alike):
+    torchrun reports exit status 2, and the ranks it stops print no traceback.
 
     Caught: the usage text once per rank (about 77 lines), the FileNotFoundError buried in tracebacks, a
     NotADirectoryError after every step had trained, and a 4-layer checkpoint resumed silently into a
     2-layer model that then wrote its own steps into the other run's folder.
     """
-    a_file = tmp_path / "not-a-folder"
-    a_file.write_text("")
+    (tmp_path / "not-a-folder").write_text("")
     before = {p.name: p.stat().st_mtime_ns for p in saved["dir"].rglob("*")}
-    cases = {
-        "flag": (["--stpes", "3"], "did you mean --steps?"),
-        "data": (["--data", str(tmp_path / "nonexistent.txt"), "--vocab-size", "256"], "does not exist"),
-        "file": (["--checkpoint-dir", str(a_file)], "is a file"),
-        "foreign": (["--n-layer", "4", "--checkpoint-dir", str(saved["dir"])], "--n-layer 2 there, 4 here"),
-    }
-    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        futures = {name: pool.submit(torchrun, 2, DRIVER, *TINY, *flags, "--steps", "3")
-                   for name, (flags, _) in cases.items()}
-        results = {name: future.result() for name, future in futures.items()}
-    for name, (_, expected) in cases.items():
-        result = results[name]
-        text = result.stdout + result.stderr
-        errors = [line for line in text.splitlines() if line.startswith("train_driver.py: error:")]
-        assert len(errors) == 1 and expected in errors[0], f"{name}: {_explain(result)}"
-        assert "usage:" not in text and "step 1/" not in text and "exitcode  : 2" in text, f"{name}: {_explain(result)}"
-        _no_rank_tracebacks(result.stdout, result.stderr)
-    assert "--no-resume" in results["foreign"].stderr and "another --checkpoint-dir" in results["foreign"].stderr
+    for name, (flags, expected) in _MISTAKES.items():
+        flags = [flag.format(tmp=tmp_path, saved=saved["dir"]) for flag in flags]
+        results = _in_pool(pool2, *flags, "--steps", "3")
+        explain = _explain_ranks(results)
+        assert [status for status, _, _ in results] == [2, 2], f"{name}: {explain}"
+        text = "".join(out + err for _, out, err in results)  # every rank's streams, as torchrun prints them
+        _one_error_line(name, text, expected, explain)
+        assert "train_driver.py: error:" in results[0][2], f"{name}: the error is rank 0's\n{explain}"
+        assert "Traceback" not in text, f"{name}: {explain}"
+        _no_rank_tracebacks(text, "")
+        if name == "foreign":
+            assert "--no-resume" in results[0][2] and "another --checkpoint-dir" in results[0][2], explain
     assert {p.name: p.stat().st_mtime_ns for p in saved["dir"].rglob("*")} == before  # the other run's folder
+
+    flags, expected = _MISTAKES["flag"]
+    result = torchrun(2, DRIVER, *TINY, *flags, "--steps", "3")
+    _one_error_line("flag (torchrun)", result.stdout + result.stderr, expected, _explain(result))
+    assert "exitcode  : 2" in result.stdout + result.stderr, _explain(result)
+    _no_rank_tracebacks(result.stdout, result.stderr)
 
 
 def _launch_and_signal(flags: list[str], sig: signal.Signals, *, only_rank: int | None = None,
