@@ -37,10 +37,10 @@ from typing import Any
 from torch import nn
 
 from ckpt_wrapper.apply import apply_activation_checkpointing
+from ckpt_wrapper.integrations.blocks import resolve_wrapper
 from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.selection import by_class_name
 from ckpt_wrapper.state import ActivationWrapper, original_class, unwrap
-from ckpt_wrapper.wrapper import checkpoint_wrapper
 
 __all__ = ["apply_checkpointing", "block_class_names"]
 
@@ -165,13 +165,7 @@ def apply_checkpointing(
             "accelerate's own FSDP2 checkpointing does). This integration keeps RNG state preserved; call "
             "ckpt_wrapper.apply_activation_checkpointing directly if you really want it off."
         )
-    if checkpoint_wrapper_fn is None:
-        checkpoint_wrapper_fn = functools.partial(checkpoint_wrapper, **checkpoint_options)
-    elif checkpoint_options:
-        raise TypeError(
-            f"pass either checkpoint_wrapper_fn or checkpoint options, not both (got {sorted(checkpoint_options)}); "
-            "bind options into the wrapper with functools.partial"
-        )
+    checkpoint_wrapper_fn = resolve_wrapper(checkpoint_wrapper_fn, checkpoint_options)
     names = block_class_names(accelerator, model)
     if check_fn is None:
         if not names:

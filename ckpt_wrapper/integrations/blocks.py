@@ -18,7 +18,7 @@ from ckpt_wrapper.apply import apply_activation_checkpointing
 from ckpt_wrapper.planner import Plan
 from ckpt_wrapper.wrapper import checkpoint_wrapper
 
-__all__ = ["checkpoint_blocks"]
+__all__ = ["checkpoint_blocks", "resolve_wrapper"]
 
 
 def checkpoint_blocks(
@@ -70,14 +70,26 @@ def checkpoint_blocks(
             f"ckpt_wrapper.integrations.{where}: say which blocks to checkpoint, e.g. "
             "check_fn=ckpt_wrapper.by_class_name('Block'), or pass plan=ckpt_wrapper.plan(...)"
         )
-    if checkpoint_wrapper_fn is None:
-        checkpoint_wrapper_fn = functools.partial(checkpoint_wrapper, **checkpoint_options)
-    elif checkpoint_options:
-        raise TypeError(
-            f"pass either checkpoint_wrapper_fn or checkpoint options, not both (got {sorted(checkpoint_options)}); "
-            "bind options into the wrapper with functools.partial"
-        )
+    checkpoint_wrapper_fn = resolve_wrapper(checkpoint_wrapper_fn, checkpoint_options)
     if check_fn is None:
         return apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper_fn,
                                               auto_wrap_policy=auto_wrap_policy)
     return apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper_fn, check_fn=check_fn)
+
+
+def resolve_wrapper(checkpoint_wrapper_fn: Callable[[nn.Module], nn.Module] | None,
+                    checkpoint_options: dict[str, Any]) -> Callable[[nn.Module], nn.Module]:
+    """The wrapper an integration applies to each block: ``checkpoint_wrapper`` with ``checkpoint_options``,
+    or ``checkpoint_wrapper_fn`` as given.
+
+    Raises:
+        TypeError: for both at once (options belong in the wrapper, bound with ``functools.partial``).
+    """
+    if checkpoint_wrapper_fn is None:
+        return functools.partial(checkpoint_wrapper, **checkpoint_options)
+    if checkpoint_options:
+        raise TypeError(
+            f"pass either checkpoint_wrapper_fn or checkpoint options, not both (got {sorted(checkpoint_options)}); "
+            "bind options into the wrapper with functools.partial"
+        )
+    return checkpoint_wrapper_fn

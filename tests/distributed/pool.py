@@ -9,6 +9,7 @@ with whatever the ranks reported.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -18,6 +19,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -143,3 +145,29 @@ def torchrun(nproc: int, *args: str, timeout: float = 240.0, env: dict[str, str]
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+REPORT_PREFIX = "RESULT "
+"""The line a scenario script's rank 0 prints its JSON report on."""
+
+
+def launch_report(nproc: int, script: str, *args: str, timeout: float = 360.0) -> dict:
+    """Run ``script ARGS`` under torchrun with this checkout first on ``PYTHONPATH``; return the JSON report
+    rank 0 printed after ``REPORT_PREFIX`` (exactly once), asserting a clean exit."""
+    root = str(Path(__file__).resolve().parents[2])
+    result = torchrun(nproc, script, *args, timeout=timeout,
+                      env={"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
+    explain = f"exit status {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
+    assert result.returncode == 0, explain
+    assert result.stdout.count(REPORT_PREFIX) == 1, explain
+    return json.loads(result.stdout.split(REPORT_PREFIX, 1)[1].splitlines()[0])
+
+
+def print_report(report: dict) -> None:
+    """Rank 0 prints ``report`` for ``launch_report``; then every rank leaves the group cleanly."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(REPORT_PREFIX + json.dumps(report), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()

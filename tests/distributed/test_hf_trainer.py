@@ -17,22 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pool import torchrun
+from pool import launch_report
 
 pytestmark = pytest.mark.timeout(420)
 
 HERE = Path(__file__).resolve()
-REPO_ROOT = HERE.parents[2]
 STEPS = 3
 
 
-def _launch(nproc: int, scenario: str) -> dict:
-    result = torchrun(nproc, str(HERE), scenario, timeout=360,
-                      env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
-    explain = f"exit status {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
-    assert result.returncode == 0, explain
-    assert result.stdout.count("RESULT ") == 1, explain
-    return json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
 def _llama():
@@ -104,7 +96,7 @@ def test_two_cpu_processes_train_like_without_checkpointing() -> None:
     A failure names what differed, with every rank's traceback.
     """
     pytest.importorskip("transformers")
-    report = _launch(2, "cpu")
+    report = launch_report(2, str(HERE), "cpu")
     assert report["ddp"]["wrapped"] == ["model.layers.0", "model.layers.1", "model.layers.2"], report
     assert report["ddp_every_2_offload"]["wrapped"] == ["model.layers.0", "model.layers.2"], report
 
@@ -115,7 +107,7 @@ def test_trainer_fsdp_on_gpu() -> None:
     """The Trainer's FSDP (``fsdp="full_shard"``, versions 1 and 2 through accelerate) with ``use_ckpt_wrapper``
     trains like without it (float tolerances), every layer its own FSDP unit."""
     pytest.importorskip("transformers")
-    report = _launch(1, "fsdp")
+    report = launch_report(1, str(HERE), "fsdp")
     assert report["fsdp2"]["wrapped"] == ["model.layers.0", "model.layers.1", "model.layers.2"], report
 
 

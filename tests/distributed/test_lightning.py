@@ -11,7 +11,6 @@ refuses CPU in Lightning 2.6, so its fit runs only where CUDA is.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -20,23 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pool import torchrun
+from pool import launch_report, print_report
 
 pytestmark = pytest.mark.timeout(420)
 
 HERE = Path(__file__).resolve()
-REPO_ROOT = HERE.parents[2]
 CONFIG = dict(n_layer=3, d_model=32, n_head=4, seq_len=16, vocab_size=64, dropout=0.1)
 STEPS = 3
 
 
-def _launch(nproc: int, scenario: str) -> dict:
-    result = torchrun(nproc, str(HERE), scenario, timeout=360,
-                      env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
-    explain = f"exit status {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
-    assert result.returncode == 0, explain
-    assert result.stdout.count("RESULT ") == 1, explain
-    return json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
 # --- in-process ---------------------------------------------------------------------------------------------
@@ -108,7 +99,7 @@ def test_two_cpu_processes_fit_ddp_and_model_parallel() -> None:
     names. A failure names the scenario, with every rank's traceback.
     """
     pytest.importorskip("lightning")
-    report = _launch(2, "cpu")
+    report = launch_report(2, str(HERE), "cpu")
     assert report["ddp_plan"]["wrapped"] and len(report["ddp_plan"]["strategies"]) == 3, report
     assert report["mp_selective"]["wrapped"] == ["layers.0", "layers.1", "layers.2"], report
     assert report["mp_offload"]["wrapped"] == ["model.layers.0", "model.layers.2"], report
@@ -123,7 +114,7 @@ def test_fsdp_strategy_fit_on_gpu() -> None:
     Float tolerances: GPU kernels may reduce in another order between forward and recompute.
     """
     pytest.importorskip("lightning")
-    report = _launch(1, "fsdp")
+    report = launch_report(1, str(HERE), "fsdp")
     assert report["fsdp"]["wrapped"] == ["model.layers.0", "model.layers.1", "model.layers.2"], report
 
 
@@ -303,10 +294,7 @@ def _main(kind: str) -> int:
     dist.init_process_group("nccl" if kind == "fsdp" else "gloo")
     with tempfile.TemporaryDirectory() as folder:
         report = scenarios(kind, folder)
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    print_report(report)
     return 0
 
 

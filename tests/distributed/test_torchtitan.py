@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -26,12 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pool import torchrun
+from pool import launch_report, print_report
 
 pytestmark = pytest.mark.timeout(420)
 
 HERE = Path(__file__).resolve()
-REPO_ROOT = HERE.parents[2]
 STEPS = 2
 
 
@@ -73,11 +71,7 @@ def test_two_cpu_ranks_parallelize_llama_with_fsdp2() -> None:
 
     A failure names the run and tensor that differ, with every rank's traceback.
     """
-    result = torchrun(2, str(HERE), "cpu", timeout=360,
-                      env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
-    explain = f"exit status {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
-    assert result.returncode == 0, explain
-    report = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    report = launch_report(2, str(HERE), "cpu")
     assert report["full"]["wrapped"] == report["selective"]["wrapped"] == ["layers.0", "layers.1"], report
     assert report["plan"]["wrapped"], report
     assert report["every_2_offload"]["wrapped"] == ["layers.0"], report
@@ -197,10 +191,7 @@ def _main() -> int:
     dist.init_process_group("gloo")
     with tempfile.TemporaryDirectory() as folder:
         report = scenarios(folder)
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    print_report(report)
     return 0
 
 

@@ -26,7 +26,6 @@ import random
 import pytest
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ckpt_wrapper import (
@@ -565,39 +564,16 @@ def test_cuda_graph_capture_is_refused_with_the_fix() -> None:
             block(x).tanh()
 
 
-class SeeRestoredCuda(torch.autograd.Function):
-    seen: list[StorageWeakRef] = []
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        y = x.sin()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        SeeRestoredCuda.seen.append(StorageWeakRef(y.untyped_storage()))
-        return grad * (1 - y.square()).sqrt()
-
-
-class SavesThroughFunction(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(1024, 1024)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SeeRestoredCuda.apply(self.lin(x))
-
-
 def test_retain_graph_frees_restored_device_copies_after_their_backward() -> None:
     """With ``retain_graph=True`` every restored copy used to stay on the device as long as the graph."""
+    from test_offload_safety import SavesThroughFunction, SeeRestored  # the CPU test's block, on the GPU
+
     block = offload_wrapper(SavesThroughFunction().cuda(), min_bytes=0)
-    x = torch.randn(512, 1024, device="cuda")
-    SeeRestoredCuda.seen.clear()
+    x = torch.randn(512, 256, device="cuda")
+    SeeRestored.seen.clear()
     loss = block(x).sum()
     loss.backward(retain_graph=True)
     torch.cuda.synchronize()
     gc.collect()
-    assert SeeRestoredCuda.seen and all(ref.expired() for ref in SeeRestoredCuda.seen)
+    assert SeeRestored.seen and all(ref.expired() for ref in SeeRestored.seen)
     loss.backward()
