@@ -137,12 +137,14 @@ class _Frame:
     def prefetch(self) -> None:
         for ref in reversed(self.order):  # backward needs the last saved first
             entry = ref()
-            if entry is not None and entry.prefetched is None and entry.held is None and not _alive(entry):
+            if entry is not None and _on_host_only(entry):
                 self.engine._copy_in(entry, prefetch=True)
 
 
-def _alive(entry: _HostCopy) -> bool:
-    return entry.restored is not None and entry.restored() is not None
+def _on_host_only(entry: _HostCopy) -> bool:
+    """No device copy of ``entry`` exists: none prefetched, none held, none still in use."""
+    return (entry.prefetched is None and entry.held is None
+            and (entry.restored is None or entry.restored() is None))
 
 
 def _unpack(packed: Any) -> torch.Tensor:
@@ -155,8 +157,7 @@ def _unpack(packed: Any) -> torch.Tensor:
         raise modified_error(packed.witness.type(), packed.size, packed.witness._version, packed.version, packed.frame)
     frame, entry = packed.frame, packed.entry
     engine = frame.engine
-    cold = entry.held is None and entry.prefetched is None and not _alive(entry)
-    if not frame.started or cold:  # backward reached this block (again, over a retained graph)
+    if not frame.started or _on_host_only(entry):  # backward reached this block (again, over a retained graph)
         frame.started = True
         engine._drain()
         if engine.options.prefetch:
