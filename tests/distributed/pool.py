@@ -164,10 +164,11 @@ def launch_report(nproc: int, script: str, *args: str, timeout: float = 360.0) -
 
 
 def print_report(report: dict) -> None:
-    """Rank 0 prints ``report`` for ``launch_report``; then every rank leaves the group cleanly."""
+    """Rank 0 prints ``report`` for ``launch_report``; then every rank leaves the group, if one is left."""
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(REPORT_PREFIX + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pool import _free_port, torchrun
+from pool import _free_port, print_report, torchrun
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -370,13 +370,7 @@ def _hf_model_default_blocks(report: dict) -> None:
 def _main(device_kind: str) -> int:
     torch.set_num_threads(1)
     report = scenarios(device_kind)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    print_report(report)
     return 0
 
 

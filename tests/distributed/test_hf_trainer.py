@@ -8,7 +8,6 @@ needs an accelerator), so the FSDP run is a GPU test.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pool import launch_report
+from pool import launch_report, print_report
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -212,13 +211,7 @@ def _main(kind: str) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         report = scenarios(kind, folder)
-    import torch.distributed as dist
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    print_report(report)
     return 0
 
 
