@@ -158,6 +158,12 @@ def launch_report(nproc: int, script: str, *args: str, timeout: float = 360.0) -
     result = torchrun(nproc, script, *args, timeout=timeout,
                       env={"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
     explain = f"exit status {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
+    return read_report(result, explain)
+
+
+def read_report(result: subprocess.CompletedProcess[str], explain: str) -> dict:
+    """The JSON report of a launch that exited 0 and printed exactly one ``REPORT_PREFIX`` line (rank 0's);
+    ``explain`` describes the launch when it did not."""
     assert result.returncode == 0, explain
     assert result.stdout.count(REPORT_PREFIX) == 1, explain
     return json.loads(result.stdout.split(REPORT_PREFIX, 1)[1].splitlines()[0])

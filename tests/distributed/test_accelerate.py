@@ -14,7 +14,6 @@ the same, so the CPU scenario also forces the accelerator's state to FSDP to run
 from __future__ import annotations
 
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pool import _free_port, print_report, torchrun
+from pool import _free_port, print_report, read_report, torchrun
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -129,9 +128,7 @@ def test_two_cpu_processes_through_accelerate_launch() -> None:
     pytest.importorskip("accelerate")
     result = _accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                 "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE), "cpu")
-    assert result.returncode == 0, _explain(result)
-    assert result.stdout.count("RESULT ") == 1, _explain(result)  # rank 0 alone reports
-    report = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    report = read_report(result, _explain(result))  # rank 0 alone reports
     assert report["ddp"]["wrapped"] == ["layers.0", "layers.1", "layers.2"], report
     assert report["fsdp2"]["units"] == 5 and report["fsdp1_every_2"]["units"] == 4, report  # 3 blocks + tail/root
 
@@ -164,8 +161,7 @@ def test_fsdp_plugin_on_gpu_one_process() -> None:
     """
     pytest.importorskip("accelerate")
     result = torchrun(1, str(HERE), "gpu", env={"PYTHONPATH": str(REPO_ROOT)})
-    assert result.returncode == 0, _explain(result)
-    report = json.loads(result.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    report = read_report(result, _explain(result))
     assert report["fsdp2"]["units"] == 5 and report["fsdp1_every_2"]["units"] == 4, report
 
 
