@@ -5,7 +5,7 @@
 #   make gpu-check   on a CUDA machine: CUDA tests, NCCL parity, benchmarks, planner peak; gpu-results/ summary
 # Overrides: PYTHON (interpreter that creates the venv), VENV (an existing venv with your own torch
 # is used as is), TORCH_SPEC (what to install when the venv has no torch), TORCHTITAN_SPEC and TRITON_SPEC (the
-# torchtitan integration's packages, installed with --no-deps), ARGS (demo flags),
+# torchtitan integration's packages, installed with --no-deps), REMAT_SPEC (the bench's torch_remat anchor, --no-deps), ARGS (demo flags),
 # PYTEST_ARGS (pytest flags).
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,6 +14,8 @@ TORCH_SPEC ?= torch==2.13.0
 # triton only when torch did not bring one.
 TORCHTITAN_SPEC ?= torchtitan==0.3.0
 TRITON_SPEC ?= triton==3.9.0
+# torch_remat, an anchor of ckpt-wrapper bench (the anchors extra), needs only torch (>= 2.10): --no-deps keeps your torch.
+REMAT_SPEC ?= torch_remat==0.2.2
 ARGS ?=
 PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
@@ -26,6 +28,7 @@ $(VENV)/.ckpt_wrapper-ready: pyproject.toml
 	$(PY) -m pip install -e ".[dev,integrations]"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install --no-deps "$(TRITON_SPEC)"
 	$(PY) -m pip install --no-deps "$(TORCHTITAN_SPEC)"
+	$(PY) -m pip install --no-deps "$(REMAT_SPEC)"
 	touch $@
 
 setup: $(VENV)/.ckpt_wrapper-ready

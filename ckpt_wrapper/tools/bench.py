@@ -17,7 +17,11 @@ checkpointing in the same run:
   ``torch_sac_matmuls`` / ``torch_sac_titan`` (``create_selective_checkpoint_contexts`` with its own
   policy), hand recipes ``torch_firstK[+sac_*]`` (full checkpointing of the first K blocks, the rest
   unwrapped or selective), on CUDA ``torch_offload``;
-- ``plan_B``: ``ckpt_wrapper.plan`` at each budget ``B``, with its predictions beside the measurement.
+- anchors beyond PyTorch's checkpoint tools: ``remat_full`` / ``remat_save_attn`` (torch_remat, when installed:
+  its checkpoint on every block, nothing or the attention annotated as a save region) and, with
+  ``--compile``, ``compile_B`` (``torch.compile`` under ``activation_memory_budget`` 1.0 and each budget);
+- ``plan_B``: ``ckpt_wrapper.plan`` at each budget ``B``, with its predictions beside the measurement
+  (its cost model calibrated on the machine once per run, ``Calibration.measure``).
 
 Memory: CPU, ``held_after_forward`` of the forward (glibc ``mallinfo2``); CUDA, the peak allocated
 during a step above what was allocated before it, and held after forward. On CPU the command
@@ -43,9 +47,10 @@ from torch import nn
 import ckpt_wrapper
 from ckpt_wrapper.distributed import resolve_dtype
 from ckpt_wrapper.measure import held_after_forward, step_flops
+from ckpt_wrapper.planner.cost import Calibration
 from ckpt_wrapper.testing import models
 from ckpt_wrapper.tools import bench_flags, benchkit
-from ckpt_wrapper.tools.bench_configs import BenchConfig, configurations, plan_config, select
+from ckpt_wrapper.tools.bench_configs import BenchConfig, compile_configs, configurations, plan_config, select
 from ckpt_wrapper.tools.bench_report import Measurements, markdown, plot, summarize
 
 __all__ = ["BenchOptions", "add_arguments", "options_from_args", "run"]
@@ -81,6 +86,8 @@ class BenchOptions:
     """Planner budgets, as fractions of the unwrapped activation memory."""
     hand_k: tuple[int, ...] | None = None
     """K for the hand recipes "full checkpointing of the first K blocks"; ``None``: a quarter, half, three quarters."""
+    compile: bool = False
+    """Add ``torch.compile`` under its memory budget (1.0 and each of ``budgets``) as anchors; each compiles for a minute or more on CPU."""
     configs: tuple[str, ...] | None = None
     """Names or shell patterns of the configurations to run (``none`` always runs); ``None``: all."""
     threads: int | None = None
@@ -118,6 +125,8 @@ class BenchOptions:
         """The configurations to run, ``--configs`` applied (plans wrap nothing here: they are planned at run time)."""
         cuda = self.resolve_device().type == "cuda"
         configs = configurations(self.model_config()[1].n_layer, self.hand_recipe_k(), cuda=cuda)
+        if self.compile:
+            configs += compile_configs(self.budgets)
         return select(configs + [plan_config(b) for b in self.budgets], self.configs)
 
     def resolve_device(self) -> torch.device:
@@ -178,11 +187,11 @@ def run(options: BenchOptions) -> int:
 
 
 def _plan(model: nn.Module, tokens: torch.Tensor, budget: float, name: str, out_dir: Path,
-          log: Callable[[str], None]) -> dict[str, Any]:
+          calibration: Calibration, log: Callable[[str], None]) -> dict[str, Any]:
     """Plan ``model`` at ``budget`` and apply the plan (saved as ``out_dir/plans/NAME.json``); what the report needs."""
     log(f"planning at budget {budget:g} ...")
     try:
-        plan = ckpt_wrapper.plan(model, tokens, memory_budget=float(budget))
+        plan = ckpt_wrapper.plan(model, tokens, memory_budget=float(budget), calibration=calibration)
     except ValueError as error:
         log(f"  no plan at budget {budget:g}: {error}")
         return {"budget": budget, "feasible": False, "error": str(error)}
@@ -206,6 +215,10 @@ def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str],
     base = models.GPT(config).to(device=device, dtype=dtype)
     tokens, targets = benchkit.make_batch(config, options.batch, options.seed, device)
     budgets = {plan_config(b).name: b for b in options.budgets}
+    # The plans' predicted seconds are judged against the measured ones, so their cost model is calibrated
+    # on this machine, once (the plans stay deterministic given it; it is stored in each plan's JSON).
+    calibration = Calibration.measure(device)
+    log(f"cost model calibrated: {calibration}")
 
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}  # copies share weights, not modules
     built: dict[str, nn.Module] = {}
@@ -213,7 +226,7 @@ def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str],
     for cfg in options.configurations():
         model = copy.deepcopy(base, memo=dict(shared))
         if cfg.family == "plan":
-            plans[cfg.name] = _plan(model, tokens, budgets[cfg.name], cfg.name, Path(options.out_dir), log)
+            plans[cfg.name] = _plan(model, tokens, budgets[cfg.name], cfg.name, Path(options.out_dir), calibration, log)
             if not plans[cfg.name]["feasible"]:
                 continue
         else:
@@ -239,7 +252,8 @@ def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str],
         times={name: [s.seconds for s in rows] for name, rows in samples.items()},
         peaks={name: [s.peak_bytes for s in rows if s.peak_bytes is not None] for name, rows in samples.items()},
         held={name: held_after_forward(functools.partial(model, tokens), device=device) for name, model in built.items()},
-        flops={name: step_flops(step) for name, step in steps.items()}, plans=plans,
+        flops={c.name: step_flops(steps[c.name]) if c.counts_flops else None
+               for c in options.configurations() if c.name in built}, plans=plans,
     )
 
 
@@ -263,6 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="K values of the hand recipes 'PyTorch full checkpointing of the first K blocks' (default: n/4, n/2, 3n/4)")
     parser.add_argument("--configs", type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()), default=None,
                         help="comma-separated names or shell patterns of configurations to run, e.g. 'torch_*,plan_*' (none always runs; default: all)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile under activation_memory_budget 1.0 and each --budgets value as anchors (a minute or more of compiling each on CPU)")
     parser.add_argument("--out-dir", default=d["out_dir"].default, help="folder for bench.md, bench.json, pareto.png, plans/ (default: %(default)s)")
     bench_flags.add_reexec_argument(parser)
 

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 import ckpt_wrapper
 from ckpt_wrapper.testing import models
 
-__all__ = ["BenchConfig", "configurations", "plan_config", "select"]
+__all__ = ["BenchConfig", "compile_configs", "configurations", "plan_config", "select"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,8 @@ class BenchConfig:
     """What it does, in the table's last column."""
     wrap: Callable[[nn.Module], Any]
     """Modifies a copy of the model in place."""
+    counts_flops: bool = True
+    """Whether ``FlopCounterMode`` sees its ops (not so for compiled code, whose kernels bypass the dispatcher)."""
 
 
 def plan_config(budget: float) -> BenchConfig:
@@ -134,6 +136,11 @@ def configurations(n_layer: int, hand_k: Sequence[int], *, cuda: bool) -> list[B
                 name, "pytorch",
                 f"PyTorch checkpoint_wrapper on the first {k} blocks, the rest " + (f"selective ({rest})" if rest else "unwrapped"),
                 functools.partial(_hand_recipe, k=k, rest=rest)))
+    if _torch_remat() is not None:
+        for save, what in (((), "nothing saved inside"), (("attn",), "attention a save region")):
+            name = "remat_full" if not save else "remat_save_" + "+".join(save)
+            configs.append(BenchConfig(name, "pytorch", f"torch_remat checkpoint on every block, {what} (hand-annotated)",
+                                       functools.partial(_remat_blocks, save=save)))
     if cuda:
         configs += [
             BenchConfig("ckpt_offload", "ckpt_wrapper", "offload_wrapper on every block",
@@ -144,6 +151,68 @@ def configurations(n_layer: int, hand_k: Sequence[int], *, cuda: bool) -> list[B
                             m, checkpoint_wrapper_fn=torch_ac.offload_wrapper, check_fn=_is_block)),
         ]
     return configs
+
+
+def compile_configs(budgets: Sequence[float]) -> list[BenchConfig]:
+    """``torch.compile`` of the whole model under its ``activation_memory_budget``: 1.0 (its default) and each budget.
+
+    Each configuration compiles with a backend of its own, so the budget in force when its graphs are
+    partitioned is its own, and no configuration reuses another's compiled graphs.
+    """
+    return [BenchConfig(f"compile_{budget:g}", "pytorch",
+                        f"torch.compile, activation_memory_budget={budget:g} (inductor)",
+                        functools.partial(_compile, budget=budget), counts_flops=False)
+            for budget in sorted({1.0, *budgets}, reverse=True)]
+
+
+def _compile(model: nn.Module, *, budget: float) -> None:
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph: Any, example_inputs: Any) -> Any:
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compile_fx(graph, example_inputs)
+
+    model.forward = torch.compile(model.forward, backend=backend)
+
+
+def _torch_remat() -> Any:
+    """The ``torch_remat`` module when it is installed (the optional anchor, ``pip install 'ckpt_wrapper[anchors]'``), else ``None``."""
+    try:
+        import torch_remat
+    except ImportError:
+        return None
+    return torch_remat
+
+
+def _remat_blocks(model: nn.Module, *, save: tuple[str, ...]) -> None:
+    """Every block through ``torch_remat.checkpoint``, its children in ``save`` annotated as save regions.
+
+    torch_remat needs the block's forward written with its annotations; this is the pre-norm block's forward
+    (``models.Block``) so written, on the bench's copy of the model (the model's own code is not changed).
+    """
+    remat = _torch_remat()
+
+    def child(block: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        module = getattr(block, name)
+        if name not in save:
+            return module
+
+        def saved(x: torch.Tensor) -> torch.Tensor:
+            out = remat.region(module, name, recompute=False)(x)
+            remat.recompute_needs_tensor(out)
+            return out
+
+        return saved
+
+    for index, block in enumerate(model.layers):
+        attn, mlp = child(block, "attn"), child(block, "mlp")
+
+        def body(x: torch.Tensor, block: nn.Module = block, attn: Any = attn, mlp: Any = mlp) -> torch.Tensor:
+            x = x + attn(block.ln_1(x))
+            return x + mlp(block.ln_2(x))
+
+        block.forward = remat.checkpoint(region_name=f"layers.{index}")(body)
 
 
 def _ckpt_sac(model: nn.Module, *, preset: str) -> None:

@@ -65,8 +65,8 @@ class Measurements:
     """CUDA: peak bytes above the start, one per timed round; empty lists on CPU."""
     held: dict[str, int]
     """Activation bytes held after forward."""
-    flops: dict[str, int]
-    """FLOPs of one step."""
+    flops: dict[str, int | None]
+    """FLOPs of one step; ``None`` where ``FlopCounterMode`` cannot count them (compiled code)."""
     plans: dict[str, dict[str, Any]]
     """Per plan configuration: ``budget``, ``feasible``, and ``plan`` or ``error``."""
 
@@ -85,7 +85,7 @@ def summarize(measured: Measurements) -> dict[str, Any]:
             "family": cfg.family, "description": cfg.description, "median_s": median[name],
             "min_s": min(times[name]), "times_s": times[name], "time_ratio": median[name] / median["none"],
             "held_after_forward_bytes": held[name], "held_ratio": held[name] / max(held["none"], 1),
-            "step_flops": flops[name], "extra_flops": flops[name] - flops["none"], "first_loss": losses[name],
+            "step_flops": flops[name], "extra_flops": None if flops[name] is None else flops[name] - flops["none"], "first_loss": losses[name],
         }
         if cuda:
             entry["peak_bytes"] = max(peaks[name])
@@ -104,7 +104,7 @@ def summarize(measured: Measurements) -> dict[str, Any]:
         plan, measured = info["plan"], results[name]
         strategies = collections.Counter(str(e.strategy) for e in plan.entries)
         best = min((n for n in anchors if results[n]["memory_ratio"] <= info["budget"]), key=lambda n: results[n]["median_s"], default=None)
-        best_flops = min((n for n in anchors if results[n]["memory_ratio"] <= info["budget"]), key=lambda n: results[n]["extra_flops"], default=None)
+        best_flops = min((n for n in anchors if results[n]["memory_ratio"] <= info["budget"] and results[n]["extra_flops"] is not None), key=lambda n: results[n]["extra_flops"], default=None)
         row.update({
             "strategies": dict(strategies),
             "entries": [e.to_dict() for e in plan.entries],
@@ -174,7 +174,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += benchkit.markdown_table(headers, [
         [name, f"{r['median_s'] * 1e3:.1f}", f"{r['time_ratio']:.3f}", f"{r['held_after_forward_bytes'] / _MiB:.1f}",
          *([f"{r['peak_bytes'] / _MiB:.1f}"] if cuda else []), f"{r['memory_ratio']:.3f}",
-         f"{r['extra_flops'] / 1e9:.2f}", r["description"]]
+         "-" if r["extra_flops"] is None else f"{r['extra_flops'] / 1e9:.2f}", r["description"]]
         for name, r in results.items()], align="lrrr" + ("r" if cuda else "") + "rrl")
     if report["plans"]:
         yes = lambda value: "-" if value is None else ("yes" if value else "NO")  # noqa: E731

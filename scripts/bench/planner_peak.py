@@ -6,23 +6,33 @@ peak of the next step measured independently of the planner: PyTorch's ``MemTrac
 ``torch.cuda.max_memory_allocated`` on CUDA (``ckpt_wrapper.measure.measured_step_peak``). Memory only: no
 timing, so a busy machine does not change the figures. Planning is deterministic (the default cost).
 
+With ``--time``, step time too: the cost model is calibrated on this machine first (``Calibration.measure``,
+stored in each plan), and each plan's predicted seconds of a forward and backward (``plan.predicted_seconds``)
+are set beside the median of ``--rounds`` timed forward-and-backward steps of the planned copy. Time needs a
+quiet machine.
+
 Usage:
     # the CPU reference workload (models.CPU_REFERENCE, batch 4, fp32), one thread:
     python scripts/bench/planner_peak.py --reference
     # a tiny HF Llama (transformers, no download):
     python scripts/bench/planner_peak.py --llama
+    # the same, with predicted against measured step time (2 threads, as the CPU reference workload):
+    python scripts/bench/planner_peak.py --reference --time --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 
 import torch
 
 import ckpt_wrapper
 from ckpt_wrapper import by_class_name
 from ckpt_wrapper.measure import measured_step_peak
+from ckpt_wrapper.planner.cost import Calibration
 from ckpt_wrapper.table import format_table
 from ckpt_wrapper.testing.models import CPU_REFERENCE, GPT, GPTConfig
 
@@ -34,6 +44,8 @@ def main() -> None:
     parser.add_argument("--llama", action="store_true", help="a tiny HF LlamaForCausalLM instead of the GPT")
     parser.add_argument("--budgets", default="1.0,0.5,0.3,0.1", help="activation budgets (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--time", action="store_true", help="also predicted against measured step time (calibrated here)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per plan with --time (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -53,6 +65,8 @@ def main() -> None:
         batch = torch.randint(0, config.vocab_size, (4, config.seq_len))
         options = {}
         name = f"GPT ({config.n_layer} blocks, width {config.d_model}, seq {config.seq_len}, batch 4)"
+    if args.time:
+        options["calibration"] = Calibration.measure("cpu")
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         plan = ckpt_wrapper.plan(model, batch, memory_budget=budget, optimizer=torch.optim.AdamW, **options)
@@ -66,15 +80,37 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
 
+        def forward_backward() -> None:
+            out = applied(**batch) if isinstance(batch, dict) else applied(batch)
+            (out.logits if hasattr(out, "logits") else out).sum().backward()
+            applied.zero_grad()
+
         step()
         measured = measured_step_peak(step, applied, optimizer)
         predicted = plan.peak["peak_bytes"]
         rows.append([f"{budget:g}", str(plan.entries[0].strategy), plan.peak["at"], f"{predicted / 2**20:.2f}",
                      f"{measured / 2**20:.2f}", f"{predicted / measured - 1:+.2%}"])
-        del applied, optimizer
-    print(f"{name}, fp32, AdamW, torch {torch.__version__}, {args.threads} thread(s)")
-    print(format_table(rows, headers=["budget", "block 0", "peak at", "predicted MiB", "measured MiB", "error"],
-                       align="lllrrr"))
+        if args.time:
+            seconds = _median_seconds(forward_backward, args.rounds)
+            rows[-1] += [f"{plan.predicted_seconds * 1e3:.1f}", f"{seconds * 1e3:.1f}",
+                         f"{plan.predicted_seconds / seconds - 1:+.1%}"]
+    print(f"{name}, fp32, AdamW, torch {torch.__version__}, {args.threads} thread(s)"
+          + (f", {options['calibration'].source}" if args.time else ""))
+    headers = ["budget", "block 0", "peak at", "predicted MiB", "measured MiB", "error"]
+    if args.time:
+        headers += ["predicted ms", "measured ms", "time error"]
+    print(format_table(rows, headers=headers, align="lll" + "r" * (len(headers) - 3)))
+
+
+def _median_seconds(step: object, rounds: int) -> float:
+    """The median seconds of ``rounds`` calls of ``step`` after one untimed call."""
+    step()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 if __name__ == "__main__":

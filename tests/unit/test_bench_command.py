@@ -123,3 +123,58 @@ def test_usage_errors_are_one_line(capsys) -> None:
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (argv, err)
         assert err[0].startswith(f"ckpt-wrapper {argv[0]}: error: ") and err[0].endswith("--help)"), err
+
+
+def test_torch_remat_anchors_keep_the_gradients_and_drop_activations() -> None:
+    """The torch_remat anchors wrap the bench's copy so that it learns what the unwrapped model learns.
+
+    A failure means the hand-annotated forward differs from ``models.Block``'s (a wrong gradient would make
+    the anchor a comparison with another model), or that its checkpoint keeps what it should drop.
+    """
+    pytest.importorskip("torch_remat")
+    import copy
+
+    import torch
+
+    from ckpt_wrapper.measure import held_after_forward
+    from ckpt_wrapper.testing.data import lm_loss
+    from ckpt_wrapper.testing.models import GPT, GPTConfig
+    from ckpt_wrapper.tools.bench_configs import configurations, select
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, d_model=64, n_head=4, seq_len=32, vocab_size=128, dropout=0.0))
+    tokens = torch.randint(0, 128, (4, 32))
+    lm_loss(model(tokens), tokens).backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    unwrapped = held_after_forward(lambda: model(tokens), device=torch.device("cpu"))
+    anchors = [c for c in select(configurations(3, (1,), cuda=False), ("remat_*",)) if c.name != "none"]
+    assert [c.name for c in anchors] == ["remat_full", "remat_save_attn"]
+    held = {}
+    for config in anchors:
+        copied = copy.deepcopy(model)
+        copied.zero_grad(set_to_none=True)
+        config.wrap(copied)
+        lm_loss(copied(tokens), tokens).backward()
+        for name, p in copied.named_parameters():
+            torch.testing.assert_close(p.grad, reference[name], rtol=0, atol=0, msg=f"{config.name}: {name}")
+        held[config.name] = held_after_forward(lambda: copied(tokens), device=torch.device("cpu"))
+    assert held["remat_full"] < held["remat_save_attn"] < unwrapped, (held, unwrapped)
+
+
+def test_compile_anchors_partition_under_their_own_budget(tmp_path) -> None:
+    """``--compile`` adds torch.compile at budget 1.0 and at each budget, each compiled under its own budget.
+
+    A failure means a configuration reused another's compiled graphs or compiled outside its budget (the
+    lower budget would then hold as much as the default), or lost the unwrapped model's loss.
+    """
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run(BenchOptions(device="cpu", n_layer=1, d_model=64, n_head=2, seq_len=32, vocab_size=128, batch=4,
+                         threads=1, rounds=1, warmup=0, budgets=(0.3,), compile=True, configs=("compile_*",),
+                         out_dir=str(tmp_path)))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    configs = report["configs"]
+    assert set(configs) == {"none", "compile_1", "compile_0.3"}
+    assert configs["compile_1"]["extra_flops"] is None  # FlopCounterMode cannot see compiled kernels
+    assert configs["compile_0.3"]["held_after_forward_bytes"] < 0.6 * configs["compile_1"]["held_after_forward_bytes"]
+    for name in ("compile_1", "compile_0.3"):  # the bench refuses a configuration whose loss differs; check it ran
+        assert abs(configs[name]["first_loss"] - configs["none"]["first_loss"]) <= 1e-3 * abs(configs["none"]["first_loss"])
