@@ -116,6 +116,89 @@ class Calibration:
         return cls(seconds_per_flop=per_flop, seconds_per_byte=per_byte, seconds_per_op=per_op,
                    seconds_per_mode_op=per_mode_op, source=f"measured on {device.type}{threads}")
 
+    def fitted(self, counts: Counts, seconds: float) -> Calibration:
+        """This calibration with ``seconds_per_flop`` set so that ``counts`` model to ``seconds``.
+
+        The bytes, op and mode-op constants stay; the FLOP rate absorbs what a small kernel does not see
+        of a real step (its matmul shapes, cold caches, a machine's sustained clock).
+
+        Raises:
+            ValueError: if ``counts`` has no FLOPs, or its other terms alone already exceed ``seconds``.
+
+        Example:
+            >>> from ckpt_wrapper.planner.cost import Calibration, Counts
+            >>> base = Calibration(seconds_per_flop=1e-11, seconds_per_byte=0.0, seconds_per_op=0.0, seconds_per_mode_op=0.0)
+            >>> round(base.fitted(Counts(flops=10**9, bytes=0, ops=0, mode_ops=0), 0.02).seconds_per_flop, 15)
+            2e-11
+        """
+        rest = counts.bytes * self.seconds_per_byte + counts.ops * self.seconds_per_op + counts.mode_ops * self.seconds_per_mode_op
+        if counts.flops <= 0 or seconds <= rest:
+            raise ValueError(f"cannot fit the FLOP rate: the step counts {counts.flops} FLOPs and its bytes and ops "
+                             f"alone model to {rest:.6f} s against a measured {seconds:.6f} s; expected FLOPs and a "
+                             "measured time above the rest (time a larger step, or keep the calibration as it is)")
+        return dataclasses.replace(self, seconds_per_flop=(seconds - rest) / counts.flops,
+                                   source=f"{self.source}; FLOP rate fitted to a {seconds * 1e3:.4f} ms step")
+
+    @classmethod
+    def fit(cls, model: torch.nn.Module, batch: Any, *, device: torch.device | str | None = None,
+            base: Calibration | None = None, repeats: int = 5) -> Calibration:
+        """Calibrate on ``model``'s own step: ``base``'s constants, the FLOP rate fitted to the measured step.
+
+        ``base`` defaults to ``Calibration.measure(device)``. The forward and backward ``plan`` models (the
+        model called on ``batch``, the sum of its floating outputs, backward) is recorded once for its
+        counts and timed ``repeats`` times after one untimed run; the median is the time fitted. The model
+        is left as it was (gradients, buffers, train/eval modes, RNG states). Measure once per model, batch
+        shape and machine, and pass the result to ``plan(calibration=...)``: the predicted seconds then
+        start from this machine's real step, and the plan stays deterministic given it.
+
+        Example:
+            >>> import torch
+            >>> from ckpt_wrapper.planner.cost import Calibration
+            >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+            >>> fitted = Calibration.fit(model, torch.randn(64, 256), repeats=1)
+            >>> fitted.seconds_per_flop > 0 and "fitted" in fitted.source
+            True
+        """
+        from ckpt_wrapper.planner.profile import call_model, model_kept, scalar_of
+        from ckpt_wrapper.timeline import StepRecorder
+
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if device is None:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        device = torch.device(device)
+        base = cls.measure(device) if base is None else base
+        grads = {p: p.grad for p in model.parameters()}
+
+        def step() -> None:
+            scalar_of(call_model(model, batch)).backward()
+            for p in grads:
+                p.grad = None
+
+        try:
+            with model_kept(model):
+                for p in grads:
+                    p.grad = None
+                with StepRecorder(exclude=list(model.parameters()), device=device) as recorder:
+                    scalar_of(call_model(model, batch)).backward()
+                counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
+                step()
+                samples = []
+                for _ in range(repeats):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    samples.append(time.perf_counter() - start)
+        finally:
+            for p, g in grads.items():
+                p.grad = g
+        samples.sort()
+        return base.fitted(counts, samples[len(samples) // 2])
+
 
 class _Passthrough(TorchDispatchMode):
     """A dispatch mode that does nothing: what any Python policy mode costs per op, at least."""

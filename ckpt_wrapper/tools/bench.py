@@ -21,7 +21,7 @@ checkpointing in the same run:
   its checkpoint on every block, nothing or the attention annotated as a save region) and, with
   ``--compile``, ``compile_B`` (``torch.compile`` under ``activation_memory_budget`` 1.0 and each budget);
 - ``plan_B``: ``ckpt_wrapper.plan`` at each budget ``B``, with its predictions beside the measurement
-  (its cost model calibrated on the machine once per run, ``Calibration.measure``).
+  (its cost model calibrated on the machine and model once per run, ``Calibration.fit``).
 
 Memory: CPU, ``held_after_forward`` of the forward (glibc ``mallinfo2``); CUDA, the peak allocated
 during a step above what was allocated before it, and held after forward. On CPU the command
@@ -216,8 +216,8 @@ def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str],
     tokens, targets = benchkit.make_batch(config, options.batch, options.seed, device)
     budgets = {plan_config(b).name: b for b in options.budgets}
     # The plans' predicted seconds are judged against the measured ones, so their cost model is calibrated
-    # on this machine, once (the plans stay deterministic given it; it is stored in each plan's JSON).
-    calibration = Calibration.measure(device)
+    # on this machine and model, once (the plans stay deterministic given it; it is stored in each plan's JSON).
+    calibration = Calibration.fit(base, tokens, device=device)
     log(f"cost model calibrated: {calibration}")
 
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}  # copies share weights, not modules

@@ -6,8 +6,9 @@ peak of the next step measured independently of the planner: PyTorch's ``MemTrac
 ``torch.cuda.max_memory_allocated`` on CUDA (``ckpt_wrapper.measure.measured_step_peak``). Memory only: no
 timing, so a busy machine does not change the figures. Planning is deterministic (the default cost).
 
-With ``--time``, step time too: the cost model is calibrated on this machine first (``Calibration.measure``,
-stored in each plan), and each plan's predicted seconds of a forward and backward (``plan.predicted_seconds``)
+With ``--time``, step time too: the cost model is calibrated on this machine and model first
+(``Calibration.fit``: the constants of ``Calibration.measure``, the FLOP rate fitted to the unwrapped
+model's timed step; stored in each plan), and each plan's predicted seconds of a forward and backward (``plan.predicted_seconds``)
 are set beside the median of ``--rounds`` timed forward-and-backward steps of the planned copy. Time needs a
 quiet machine.
 
@@ -66,7 +67,7 @@ def main() -> None:
         options = {}
         name = f"GPT ({config.n_layer} blocks, width {config.d_model}, seq {config.seq_len}, batch 4)"
     if args.time:
-        options["calibration"] = Calibration.measure("cpu")
+        options["calibration"] = Calibration.fit(model, batch, repeats=args.rounds)
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         plan = ckpt_wrapper.plan(model, batch, memory_budget=budget, optimizer=torch.optim.AdamW, **options)
@@ -85,13 +86,13 @@ def main() -> None:
             (out.logits if hasattr(out, "logits") else out).sum().backward()
             applied.zero_grad()
 
+        seconds = _median_seconds(forward_backward, args.rounds) if args.time else None  # before MemTracker runs
         step()
         measured = measured_step_peak(step, applied, optimizer)
         predicted = plan.peak["peak_bytes"]
         rows.append([f"{budget:g}", str(plan.entries[0].strategy), plan.peak["at"], f"{predicted / 2**20:.2f}",
                      f"{measured / 2**20:.2f}", f"{predicted / measured - 1:+.2%}"])
-        if args.time:
-            seconds = _median_seconds(forward_backward, args.rounds)
+        if seconds is not None:
             rows[-1] += [f"{plan.predicted_seconds * 1e3:.1f}", f"{seconds * 1e3:.1f}",
                          f"{plan.predicted_seconds / seconds - 1:+.1%}"]
     print(f"{name}, fp32, AdamW, torch {torch.__version__}, {args.threads} thread(s)"

@@ -93,6 +93,46 @@ def test_a_given_calibration_is_used_and_stored() -> None:
     assert plan.step_seconds != default.step_seconds
 
 
+def test_a_calibration_fitted_to_the_models_step_starts_the_plan_from_that_step() -> None:
+    """``Calibration.fit`` times the model's own step and fits the FLOP rate to it, leaving the model as it was.
+
+    The fitted calibration models the unwrapped step the planner records to the measured seconds, so a plan
+    made with it predicts the unwrapped step at exactly that time. A failure means the fit models another
+    step than the planner's, or that fitting changed the model (its gradients, buffers, mode or RNG).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.GELU(), nn.Dropout(0.1), nn.Linear(256, 64))
+    batch = torch.randn(32, 64)
+    model(batch).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    base = Calibration(seconds_per_flop=1e-11, seconds_per_byte=1e-12, seconds_per_op=1e-7, seconds_per_mode_op=0.0,
+                       source="given")
+    fitted = Calibration.fit(model, batch, base=base, repeats=3)
+    assert fitted.source.startswith("given; FLOP rate fitted to a ")
+    assert (fitted.seconds_per_byte, fitted.seconds_per_op) == (base.seconds_per_byte, base.seconds_per_op)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    assert model.training and torch.equal(torch.random.get_rng_state(), rng)
+
+    seconds = float(fitted.source.split("fitted to a ")[1].split(" ms")[0]) / 1e3
+    plan = ckpt_wrapper.plan(model, batch, memory_budget=1.0, check_fn=lambda m: isinstance(m, nn.Linear),
+                             calibration=fitted)
+    assert plan.step_seconds == pytest.approx(seconds, rel=1e-3)  # the source prints 0.1 us: rounding only
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        Calibration.fit(model, batch, base=base, repeats=0)
+    with pytest.raises(ValueError, match="cannot fit the FLOP rate"):
+        base.fitted(fitted_counts_without_flops(), 1.0)
+
+
+def fitted_counts_without_flops():
+    from ckpt_wrapper.planner.cost import Counts
+    return Counts(flops=0, bytes=10, ops=1, mode_ops=0)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd-momentum"])
 def test_static_components_count_parameters_gradients_and_the_optimizers_state(optimizer) -> None:
     """Unsharded, the parameters component is every parameter's bytes and the optimizer state is 2 per
