@@ -3,9 +3,9 @@
 The planner's deterministic measure of memory and cost, and the source of ``ckpt_wrapper.report``'s
 tables and timeline. A ``TorchDispatchMode`` sees every aten op, in forward, in backward and in a
 checkpoint's recompute. For each op it records its FLOPs (PyTorch's own formulas, those of
-``FlopCounterMode``), the bytes of its tensor inputs and outputs, the storages it created (size, shape,
-dtype, the op, the module running and the phase), and which earlier storages had been freed when it
-started. Nothing here reads a clock or an allocator, so the same step records the same way every time.
+``FlopCounterMode``), the bytes of its tensor inputs and outputs (none for a view op, which moves no
+data), the storages it created (size, shape, dtype, the op, the module running and the phase), and which
+earlier storages had been freed when it started. Nothing here reads a clock or an allocator, so the same step records the same way every time.
 
 What it cannot see: memory a kernel allocates and frees inside one op (workspaces), and storages made
 outside the dispatcher. Storages alive before recording began (parameters, inputs) are not counted.
@@ -110,7 +110,7 @@ class StepRecorder(TorchDispatchMode):
         self.flops = 0
         """FLOPs of every op with a formula (matmuls, convolutions, attention)."""
         self.bytes_touched = 0
-        """Bytes of every op's tensor inputs and outputs, storages counted once per op."""
+        """Bytes of every op's tensor inputs and outputs, storages counted once per op; view ops count none."""
         self.module = ""
         self.phase = "forward"
         self._formulas = flop_formulas()
@@ -135,10 +135,11 @@ class StepRecorder(TorchDispatchMode):
         self._prune()
         ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        touched: dict[int, int] = {}
-        for t in ins + outs:
-            touched.setdefault(storage_key(t), t.untyped_storage().nbytes())
-        self.bytes_touched += sum(touched.values())
+        if not func.is_view:  # a view (t, transpose, split, detach, ...) reads and writes no data
+            touched: dict[int, int] = {}
+            for t in ins + outs:
+                touched.setdefault(storage_key(t), t.untyped_storage().nbytes())
+            self.bytes_touched += sum(touched.values())
         formula = self._formulas.get(func._overloadpacket)
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))

@@ -128,6 +128,27 @@ def test_a_calibration_fitted_to_the_models_step_starts_the_plan_from_that_step(
         base.fitted(fitted_counts_without_flops(), 1.0)
 
 
+def test_the_recorder_counts_no_bytes_for_view_ops() -> None:
+    """A view (``t``, ``view``, ``transpose``, ``split``, ``detach``) moves no data: the cost model's byte count
+    leaves it out, while a copy of the same tensor counts its input and output.
+
+    A failure means views are charged their whole storage each time (on the CPU reference workload that
+    was 7x their measured time, 2% of the modelled step), so the model overstates what recompute reruns.
+    """
+    from ckpt_wrapper.timeline import StepRecorder
+
+    x = torch.randn(64, 32)
+    with StepRecorder() as views:
+        x.t()
+        x.view(32, 64).transpose(0, 1)
+        x.split(16)
+        x.detach()
+    assert views.bytes_touched == 0 and len(views.ops) >= 5
+    with StepRecorder() as copies:
+        x.clone()
+    assert copies.bytes_touched == 2 * x.numel() * x.element_size()
+
+
 def fitted_counts_without_flops():
     from ckpt_wrapper.planner.cost import Counts
     return Counts(flops=0, bytes=10, ops=1, mode_ops=0)
