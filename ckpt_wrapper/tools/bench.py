@@ -127,7 +127,17 @@ class BenchOptions:
         configs = configurations(self.model_config()[1].n_layer, self.hand_recipe_k(), cuda=cuda)
         if self.compile:
             configs += compile_configs(self.budgets)
-        return select(configs + [plan_config(b) for b in self.budgets], self.configs)
+        try:
+            return select(configs + [plan_config(b) for b in self.budgets], self.configs)
+        except ValueError as error:
+            hints = []
+            if not self.compile and any(p.startswith("compile") for p in self.configs or ()):
+                hints.append("compile_* configurations run only with --compile")
+            if not any(c.name.startswith("remat") for c in configs) and any(p.startswith("remat") for p in self.configs or ()):
+                hints.append("remat_* configurations need torch_remat (pip install 'ckpt_wrapper[anchors]')")
+            if not hints:
+                raise
+            raise ValueError(f"{error}; " + "; ".join(hints)) from None
 
     def resolve_device(self) -> torch.device:
         """The device to run on: ``device``, or CUDA (this rank's) when available, else CPU.

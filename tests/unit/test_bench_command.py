@@ -68,6 +68,8 @@ def test_bench_configs_filter_and_errors(tmp_path) -> None:
                              threads=1, configs=("nope",), out_dir=str(tmp_path)))
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         cli.main(["bench", "--device", "cpu", "--budgets", "1.5"])
+    with pytest.raises(ValueError, match="compile_\\* configurations run only with --compile"):
+        BenchOptions(device="cpu", configs=("compile_*",))
 
 
 def test_round_robin_rotates_and_drops_warmup() -> None:
