@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -132,6 +133,8 @@ class Calibration:
             2e-11
         """
         rest = counts.bytes * self.seconds_per_byte + counts.ops * self.seconds_per_op + counts.mode_ops * self.seconds_per_mode_op
+        if not math.isfinite(seconds):
+            raise ValueError(f"cannot fit the FLOP rate to a measured {seconds} s; expected a finite measured time")
         if counts.flops <= 0 or seconds <= rest:
             raise ValueError(f"cannot fit the FLOP rate: the step counts {counts.flops} FLOPs and its bytes and ops "
                              f"alone model to {rest:.6f} s against a measured {seconds:.6f} s; expected FLOPs and a "
@@ -151,6 +154,11 @@ class Calibration:
         shape and machine, and pass the result to ``plan(calibration=...)``: the predicted seconds then
         start from this machine's real step, and the plan stays deterministic given it.
 
+        Raises:
+            TypeError: if ``repeats`` is not an int or ``base`` not a ``Calibration``.
+            ValueError: if ``repeats`` < 1, ``device`` is not the parameters' device type, the model's output
+                needs no gradient, or the step cannot be fitted (``fitted``).
+
         Example:
             >>> import torch
             >>> from ckpt_wrapper.planner.cost import Calibration
@@ -162,12 +170,21 @@ class Calibration:
         from ckpt_wrapper.planner.profile import call_model, model_kept, scalar_of
         from ckpt_wrapper.timeline import StepRecorder
 
+        if not isinstance(repeats, int) or isinstance(repeats, bool):
+            raise TypeError(f"repeats must be an int >= 1, got {type(repeats).__name__} {repeats!r}")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if base is not None and not isinstance(base, Calibration):
+            raise TypeError(f"base must be a Calibration (Calibration.measure(device)) or None, got "
+                            f"{type(base).__name__}")
+        first = next(iter(model.parameters()), None)
         if device is None:
-            first = next(iter(model.parameters()), None)
             device = first.device if first is not None else torch.device("cpu")
         device = torch.device(device)
+        if first is not None and first.device.type != device.type:
+            raise ValueError(f"Calibration.fit: device {device.type} given, but the model's parameters are on "
+                             f"{first.device.type}; expected the device the model runs on (pass device=None, or move "
+                             "the model there first)")
         base = cls.measure(device) if base is None else base
         grads = {p: p.grad for p in model.parameters()}
 
@@ -181,7 +198,13 @@ class Calibration:
                 for p in grads:
                     p.grad = None
                 with StepRecorder(exclude=list(model.parameters()), device=device) as recorder:
-                    scalar_of(call_model(model, batch)).backward()
+                    loss = scalar_of(call_model(model, batch))
+                    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                        raise ValueError(f"Calibration.fit: {type(model).__name__} called on the batch gave no "
+                                         "floating-point output that requires grad, so there is no backward to time; "
+                                         "expected a model with trainable parameters, called with grad enabled")
+                    loss.backward()
+                    del loss
                 counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
                 step()
                 samples = []

@@ -128,6 +128,35 @@ def test_a_calibration_fitted_to_the_models_step_starts_the_plan_from_that_step(
         base.fitted(fitted_counts_without_flops(), 1.0)
 
 
+def test_fitting_refuses_what_it_cannot_fit_with_an_error_that_says_what_was_expected() -> None:
+    """``Calibration.fit`` and ``fitted`` refuse bad arguments up front, each saying what was expected and found.
+
+    Failed on the code before the fix: a fractional ``repeats`` died in ``range`` (after a second of
+    measuring), ``repeats=True`` was taken as 1, a ``base`` of the wrong type was an ``AttributeError``, a
+    ``device`` other than the parameters' was timed and fitted silently (the base measured on one device,
+    the step run on another), a model whose output needs no gradient died in autograd's own words, and
+    ``fitted`` turned a NaN or infinite time into a NaN or infinite FLOP rate (stored in a plan's JSON).
+    """
+    from ckpt_wrapper.planner.cost import Counts
+
+    base = Calibration(seconds_per_flop=1e-11, seconds_per_byte=1e-12, seconds_per_op=1e-7, seconds_per_mode_op=0.0)
+    model, batch = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), torch.randn(4, 8)
+    for repeats in (2.5, True, "3"):
+        with pytest.raises(TypeError, match=f"repeats must be an int >= 1, got {type(repeats).__name__}"):
+            Calibration.fit(model, batch, base=base, repeats=repeats)
+    with pytest.raises(TypeError, match="base must be a Calibration.*got str"):
+        Calibration.fit(model, batch, base="cpu", repeats=1)
+    with pytest.raises(ValueError, match="device meta.*parameters are on cpu"):
+        Calibration.fit(model, batch, device="meta", base=base, repeats=1)
+    frozen = nn.Sequential(nn.Linear(8, 8)).requires_grad_(False)
+    with pytest.raises(ValueError, match="no floating-point output that requires grad"):
+        Calibration.fit(frozen, batch, base=base, repeats=1)
+    assert all(p.grad is None for p in frozen.parameters())
+    for seconds in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="a finite measured time"):
+            base.fitted(Counts(flops=10**9, bytes=0, ops=0, mode_ops=0), seconds)
+
+
 def test_the_recorder_counts_no_bytes_for_view_ops() -> None:
     """A view (``t``, ``view``, ``transpose``, ``split``, ``detach``) moves no data: the cost model's byte count
     leaves it out, while a copy of the same tensor counts its input and output.
