@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from typing import Any, NamedTuple
 
@@ -167,7 +168,7 @@ class Calibration:
             >>> fitted.seconds_per_flop > 0 and "fitted" in fitted.source
             True
         """
-        from ckpt_wrapper.planner.profile import call_model, model_kept, scalar_of
+        from ckpt_wrapper.planner.profile import call_model, model_kept, scalar_of, wall_seconds
         from ckpt_wrapper.timeline import StepRecorder
 
         if not isinstance(repeats, int) or isinstance(repeats, bool):
@@ -207,20 +208,11 @@ class Calibration:
                     del loss
                 counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
                 step()
-                samples = []
-                for _ in range(repeats):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    samples.append(time.perf_counter() - start)
+                seconds = statistics.median(wall_seconds(step, device, repeats))
         finally:
             for p, g in grads.items():
                 p.grad = g
-        samples.sort()
-        return base.fitted(counts, samples[len(samples) // 2])
+        return base.fitted(counts, seconds)
 
 
 class _Passthrough(TorchDispatchMode):

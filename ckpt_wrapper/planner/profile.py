@@ -172,8 +172,8 @@ def capture_inputs(model: nn.Module, batch: Any, blocks: list[tuple[str, nn.Modu
     return inputs
 
 
-def least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """The least wall time of ``repeats`` calls of ``fn`` (synchronized on CUDA)."""
+def wall_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """The wall time of each of ``repeats`` calls of ``fn`` (synchronized on CUDA)."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -183,7 +183,12 @@ def least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times)  # noise on a shared machine only ever adds
+    return times
+
+
+def least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """The least wall time of ``repeats`` calls of ``fn`` (synchronized on CUDA)."""
+    return min(wall_seconds(fn, device, repeats))  # noise on a shared machine only ever adds
 
 
 def held_bytes(forward: Callable[[], Any], device: torch.device, options: PlanOptions, exclude: list[torch.Tensor]) -> int:

@@ -227,7 +227,11 @@ def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str],
     budgets = {plan_config(b).name: b for b in options.budgets}
     # The plans' predicted seconds are judged against the measured ones, so their cost model is calibrated
     # on this machine and model, once (the plans stay deterministic given it; it is stored in each plan's JSON).
-    calibration = Calibration.fit(base, tokens, device=device)
+    try:
+        calibration = Calibration.fit(base, tokens, device=device)
+    except ValueError as error:  # a step too small to fit (its bytes and ops alone model above it): keep measure's
+        log(f"cost model not fitted ({error}); using the measured constants")
+        calibration = Calibration.measure(device)
     log(f"cost model calibrated: {calibration}")
 
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}  # copies share weights, not modules
