@@ -213,6 +213,22 @@ def _plan(model: nn.Module, tokens: torch.Tensor, budget: float, name: str, out_
     return {"budget": budget, "feasible": True, "plan": plan}
 
 
+def _calibration(model: nn.Module, tokens: torch.Tensor, device: torch.device, log: Callable[[str], None]) -> Calibration:
+    """The plans' cost model, calibrated on this machine and model once (``Calibration.fit``).
+
+    The plans' predicted seconds are judged against the measured ones; given the calibration the plans
+    stay deterministic, and it is stored in each plan's JSON. Where a step is too small to fit (its bytes
+    and ops alone model above it, a tiny model on a fast GPU) the measured constants are kept.
+    """
+    try:
+        calibration = Calibration.fit(model, tokens, device=device)
+    except ValueError as error:
+        log(f"cost model not fitted ({error}); using the measured constants")
+        calibration = Calibration.measure(device)
+    log(f"cost model calibrated: {calibration}")
+    return calibration
+
+
 def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str], None]) -> Measurements:
     device, dtype, cuda = prepared.device, prepared.dtype, prepared.cuda
     preset, config = options.model_config()
@@ -225,14 +241,8 @@ def _measure(options: BenchOptions, prepared: benchkit.Run, log: Callable[[str],
     base = models.GPT(config).to(device=device, dtype=dtype)
     tokens, targets = benchkit.make_batch(config, options.batch, options.seed, device)
     budgets = {plan_config(b).name: b for b in options.budgets}
-    # The plans' predicted seconds are judged against the measured ones, so their cost model is calibrated
-    # on this machine and model, once (the plans stay deterministic given it; it is stored in each plan's JSON).
-    try:
-        calibration = Calibration.fit(base, tokens, device=device)
-    except ValueError as error:  # a step too small to fit (its bytes and ops alone model above it): keep measure's
-        log(f"cost model not fitted ({error}); using the measured constants")
-        calibration = Calibration.measure(device)
-    log(f"cost model calibrated: {calibration}")
+    if any(cfg.family == "plan" for cfg in options.configurations()):
+        calibration = _calibration(base, tokens, device, log)
 
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}  # copies share weights, not modules
     built: dict[str, nn.Module] = {}
