@@ -299,12 +299,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="planner budgets, comma-separated fractions of the unwrapped activation memory (default: 0.5,0.35,0.3,0.1)")
     parser.add_argument("--hand-k", type=bench_flags.comma_separated(int), default=None,
                         help="K values of the hand recipes 'PyTorch full checkpointing of the first K blocks' (default: n/4, n/2, 3n/4)")
-    parser.add_argument("--configs", type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()), default=None,
+    parser.add_argument("--configs", type=_config_patterns, default=None,
                         help="comma-separated names or shell patterns of configurations to run, e.g. 'torch_*,plan_*' (none always runs; default: all)")
     parser.add_argument("--compile", action="store_true",
                         help="add torch.compile under activation_memory_budget 1.0 and each --budgets value as anchors (a minute or more of compiling each on CPU)")
     parser.add_argument("--out-dir", default=d["out_dir"].default, help="folder for bench.md, bench.json, pareto.png, plans/ (default: %(default)s)")
     bench_flags.add_reexec_argument(parser)
+
+
+def _config_patterns(text: str) -> tuple[str, ...]:
+    """``--configs``: comma-separated names or shell patterns; at least one (an empty list would run only ``none``)."""
+    patterns = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not patterns:
+        raise argparse.ArgumentTypeError(f"expected comma-separated configuration names or patterns, got {text!r}")
+    return patterns
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:

@@ -68,6 +68,10 @@ def test_bench_configs_filter_and_errors(tmp_path) -> None:
                              threads=1, configs=("nope",), out_dir=str(tmp_path)))
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         cli.main(["bench", "--device", "cpu", "--budgets", "1.5"])
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):  # nothing selected: not a run of `none` alone
+        cli.main(["bench", "--device", "cpu", "--configs", " , "])
+    assert "expected comma-separated configuration names or patterns" in stderr.getvalue()
     with pytest.raises(ValueError, match="compile_\\* configurations run only with --compile"):
         BenchOptions(device="cpu", configs=("compile_*",))
 
