@@ -5,7 +5,8 @@ tables and timeline. A ``TorchDispatchMode`` sees every aten op, in forward, in 
 checkpoint's recompute. For each op it records its FLOPs (PyTorch's own formulas, those of
 ``FlopCounterMode``), the bytes of its tensor inputs and outputs (none for a view op, which moves no
 data), the storages it created (size, shape, dtype, the op, the module running and the phase), and which
-earlier storages had been freed when it started. Nothing here reads a clock or an allocator, so the same step records the same way every time.
+earlier storages had been freed when it started. Nothing here reads a clock or an allocator, so the same
+step records the same way every time.
 
 What it cannot see: memory a kernel allocates and frees inside one op (workspaces), and storages made
 outside the dispatcher. Storages alive before recording began (parameters, inputs) are not counted.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
@@ -34,6 +33,7 @@ import ckpt_wrapper
 from ckpt_wrapper import by_class_name
 from ckpt_wrapper.measure import measured_step_peak
 from ckpt_wrapper.planner.cost import Calibration
+from ckpt_wrapper.planner.profile import call_model, scalar_of, wall_seconds
 from ckpt_wrapper.table import format_table
 from ckpt_wrapper.testing.models import CPU_REFERENCE, GPT, GPTConfig
 
@@ -75,18 +75,23 @@ def main() -> None:
         plan.apply(applied)
         optimizer = torch.optim.AdamW(applied.parameters())
 
+        def backward() -> None:  # the step plan models: floating outputs summed, the output held to the end
+            out = call_model(applied, batch)
+            scalar_of(out).backward()
+
         def step() -> None:
-            out = applied(**batch) if isinstance(batch, dict) else applied(batch)
-            (out.logits if hasattr(out, "logits") else out).sum().backward()
+            backward()
             optimizer.step()
             optimizer.zero_grad()
 
         def forward_backward() -> None:
-            out = applied(**batch) if isinstance(batch, dict) else applied(batch)
-            (out.logits if hasattr(out, "logits") else out).sum().backward()
+            backward()
             applied.zero_grad()
 
-        seconds = _median_seconds(forward_backward, args.rounds) if args.time else None  # before MemTracker runs
+        seconds = None
+        if args.time:  # before MemTracker runs; one untimed step first
+            forward_backward()
+            seconds = statistics.median(wall_seconds(forward_backward, torch.device("cpu"), args.rounds))
         step()
         measured = measured_step_peak(step, applied, optimizer)
         predicted = plan.peak["peak_bytes"]
@@ -102,16 +107,6 @@ def main() -> None:
         headers += ["predicted ms", "measured ms", "time error"]
     print(format_table(rows, headers=headers, align="lll" + "r" * (len(headers) - 3)))
 
-
-def _median_seconds(step: object, rounds: int) -> float:
-    """The median seconds of ``rounds`` calls of ``step`` after one untimed call."""
-    step()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 if __name__ == "__main__":
