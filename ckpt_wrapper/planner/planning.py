@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ckpt_wrapper.planner.communication import Communication
 from ckpt_wrapper.planner.cost import Calibration
 from ckpt_wrapper.planner.distribute import plan_on_rank_0
 from ckpt_wrapper.planner.memory import StaticMemory, default_world_size
@@ -168,6 +169,8 @@ def _plan_kept(model: nn.Module, batch: Any, options: PlanOptions) -> Plan:
     else:
         chosen = choose_within_limit(per_block, unwrapped, budget, limit, peaks) or _refuse(
             per_block, unwrapped, budget, limit, peaks, options, world)
+    communication = Communication.of(static, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
+    comm_seconds = calibration.communication_seconds(communication)
     report = None if peaks is None else peaks.evaluate([option.figures for option in chosen])  # type: ignore[misc]
     entries = [PlanEntry(name, option.strategy, option.held, option.cost,
                          None if peaks is None else option.figures.peak_backward)  # type: ignore[union-attr]
@@ -177,11 +180,14 @@ def _plan_kept(model: nn.Module, batch: Any, options: PlanOptions) -> Plan:
     seconds_per_cost = 1.0 if cost_unit == "seconds" else baseline.seconds_per_flop
     peak = None if report is None else {**report.to_dict(), "sharding": options.sharding, "world_size": world,
                                         "optimizer": _optimizer_name(options.optimizer)}
+    step_seconds = baseline.step_seconds + comm_seconds
     return Plan(entries=entries, budget_bytes=budget, unwrapped_bytes=unwrapped, predicted_bytes=predicted_bytes,
-                step_seconds=baseline.step_seconds, predicted_seconds=baseline.step_seconds + extra * seconds_per_cost,
+                step_seconds=step_seconds, predicted_seconds=step_seconds + extra * seconds_per_cost,
                 cost_unit=cost_unit,
                 profile={key: {str(s): (row.held, row.cost) for s, row in table.items()} for key, table in profiles.items()},
-                limit_bytes=limit, peak=peak, calibration=calibration.to_dict() if cost_model == "model" else None)
+                limit_bytes=limit, peak=peak, calibration=calibration.to_dict() if cost_model == "model" else None,
+                communication=None if communication.world_size == 1 else
+                {"seconds": comm_seconds, "sharding": options.sharding, **communication.to_dict()})
 
 
 def _optimizer_name(optimizer: Any) -> str | None:

@@ -72,7 +72,8 @@ class Plan:
     predicted_bytes: int
     """Activation bytes predicted with the plan applied."""
     step_seconds: float
-    """Step time of the unwrapped model: modelled from counts (``cost="model"``) or measured."""
+    """Forward-and-backward time of the unwrapped model on each rank: modelled from counts (``cost="model"``)
+    or measured, plus the modelled communication under DDP or FSDP (``communication``)."""
     predicted_seconds: float
     """Step time predicted with the plan applied."""
     cost_unit: Literal["flops", "seconds"]
@@ -88,7 +89,12 @@ class Plan:
     calibration: dict[str, Any] | None = None
     """The cost model's constants (``Calibration.to_dict()``) when ``cost_unit`` is modelled seconds."""
 
-    OPTIONAL = ("limit_bytes", "peak", "calibration")
+    communication: dict[str, Any] | None = None
+    """What a data-parallel step communicates per rank (``Communication.to_dict()``, with its ``sharding``)
+    and its modelled ``seconds``, included in ``step_seconds`` and ``predicted_seconds`` alike; None with
+    no sharding or one rank."""
+
+    OPTIONAL = ("limit_bytes", "peak", "calibration", "communication")
     """Fields written to JSON only when set, so plans of earlier versions write back as they were."""
 
     def apply(self, model: nn.Module) -> list[str]:
@@ -181,5 +187,8 @@ class Plan:
         lines.append(
             f"step time: predicted {self.predicted_seconds * 1e3:.1f} ms "
             f"({self.predicted_seconds / max(self.step_seconds, 1e-12):.3f}x of unwrapped {self.step_seconds * 1e3:.1f} ms)"
+            + ("" if self.communication is None else
+               f", of which communication {self.communication['seconds'] * 1e3:.1f} ms "
+               f"({self.communication['sharding']}, {self.communication['world_size']} ranks)")
         )
         return "\n".join(lines)

@@ -172,10 +172,14 @@ def capture_inputs(model: nn.Module, batch: Any, blocks: list[tuple[str, nn.Modu
     return inputs
 
 
-def wall_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
-    """The wall time of each of ``repeats`` calls of ``fn`` (synchronized on CUDA)."""
+def wall_seconds(fn: Callable[[], Any], device: torch.device, repeats: int,
+                 before: Callable[[], Any] | None = None) -> list[float]:
+    """The wall time of each of ``repeats`` calls of ``fn`` (synchronized on CUDA); ``before``, if given,
+    runs untimed ahead of each call (a barrier, so every rank starts a collective together)."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -186,9 +190,10 @@ def wall_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> l
     return times
 
 
-def least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """The least wall time of ``repeats`` calls of ``fn`` (synchronized on CUDA)."""
-    return min(wall_seconds(fn, device, repeats))  # noise on a shared machine only ever adds
+def least_seconds(fn: Callable[[], Any], device: torch.device, repeats: int,
+                  before: Callable[[], Any] | None = None) -> float:
+    """The least wall time of ``repeats`` calls of ``fn`` (synchronized on CUDA; ``before`` as ``wall_seconds``)."""
+    return min(wall_seconds(fn, device, repeats, before))  # noise on a shared machine only ever adds
 
 
 def held_bytes(forward: Callable[[], Any], device: torch.device, options: PlanOptions, exclude: list[torch.Tensor]) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ckpt_wrapper
 from ckpt_wrapper import Plan, PlanEntry
@@ -124,3 +126,91 @@ def peak_components_under_fsdp2() -> dict[str, Any]:
             "parameters": local_bytes(model.parameters()), "gradients": grads, "static_gradients": static.gradients(),
             "optimizer_state": local_bytes(v for s in optimizer.state.values() for v in s.values() if v.dim() > 0),
             "predicted_peak": plan.peak["peak_bytes"], "measured_peak": measured}
+
+
+class _CountCollectives(TorchDispatchMode):
+    """Counts the c10d collectives run under it, with the bytes of each one's full tensor."""
+
+    KINDS = {"_allgather_base_": "all_gather", "allgather_": "all_gather", "allgather_into_tensor_coalesced_": "all_gather",
+             "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+             "allreduce_": "all_reduce", "broadcast_": "broadcast"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func.namespace == "c10d":
+            name = func.__name__.split(".")[0]
+            kind = self.KINDS.get(name, name)  # an unexpected collective shows under its own name
+            full = args[1] if kind == "reduce_scatter" else args[0]  # the unsharded side
+            size = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(full) if isinstance(t, torch.Tensor))
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+            self.bytes[kind] = self.bytes.get(kind, 0) + size
+        return func(*args, **(kwargs or {}))
+
+
+def collectives_of_a_checkpointed_step(kind: str) -> dict[str, Any]:
+    """Shard a copy of the small GPT by ``kind`` with every block checkpointed (``full``), take two steps
+    (DDP rebuilds its buckets in the second), then count the collectives of a third forward and backward;
+    return them beside ``Communication.of`` for the unwrapped model's planned sharding."""
+    from ckpt_wrapper.planner.communication import Communication
+    from ckpt_wrapper.planner.memory import StaticMemory
+    from ckpt_wrapper.planner.profile import find_blocks
+    from ckpt_wrapper.testing.recipes import ShardRecipe, shard_model
+
+    base = _model(0)
+    tokens, _ = _tokens(11 + dist.get_rank())
+    static = StaticMemory.of(base, find_blocks(base, None), sharding=kind, world_size=dist.get_world_size())
+    predicted = Communication.of(static, buffer_bytes=sum(b.numel() * b.element_size() for b in base.buffers()))
+    model = copy.deepcopy(base)
+    blocks = set(model.layers)
+    ckpt_wrapper.apply_activation_checkpointing(model, check_fn=lambda sub: sub in blocks)
+    if kind == "fsdp2":  # fully_shard as users call it: its defaults, each block, then the root
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        sharded = fully_shard(model)
+    else:
+        sharded = shard_model(model, ShardRecipe(kind=kind), is_block=lambda m: m in blocks,
+                              apply_checkpointing=lambda m: None, device=torch.device("cpu"))
+    wrapped = sum(isinstance(m, ckpt_wrapper.CheckpointWrapper) for m in sharded.modules())
+    for _ in range(2):
+        sharded(tokens).sum().backward()
+        sharded.zero_grad()
+    with _CountCollectives() as seen:
+        sharded(tokens).sum().backward()
+    dist.barrier()
+    return {"wrapped": wrapped, "seen_calls": seen.calls, "seen_bytes": seen.bytes,
+            "predicted_calls": {k: v for k, v in predicted.calls.items() if v and k in seen.KINDS.values()},
+            "predicted_bytes": {k: v for k, v in predicted.bytes.items() if v and k in seen.KINDS.values()}}
+
+
+def measured_communication_in_a_plan() -> dict[str, Any]:
+    """Measure the group's communication constants, then plan for FSDP2 with them and without sharding."""
+    from ckpt_wrapper.planner.cost import Calibration
+
+    calibration = Calibration.default("cpu").measure_communication(repeats=2)
+    base = _model(0)
+    tokens, _ = _tokens(5)
+    sharded = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, sharding="fsdp2", calibration=calibration)
+    alone = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, calibration=calibration)
+    return {"calibration": calibration.to_dict(), "json": sharded.to_json(), "alone": alone.to_json()}
+
+
+def fit_with_sharding(sharding: str) -> dict[str, Any]:
+    """``Calibration.fit(sharding=...)`` on this group, then a plan for that sharding with it; return what
+    the model looked like before and after the fit, the calibration and the plan."""
+    from ckpt_wrapper.planner.cost import Calibration
+
+    base = _model(0)
+    tokens, _ = _tokens(21)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    calibration = Calibration.fit(base, tokens, repeats=2, sharding=sharding)
+    after = base.state_dict()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before) and all(p.grad is None for p in base.parameters())
+    plan = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, sharding=sharding, calibration=calibration)
+    return {"unchanged": unchanged, "source": calibration.source, "json": plan.to_json(),
+            "communication": calibration.communication}

@@ -75,6 +75,73 @@ def test_peak_components_match_a_real_fsdp2_model_on_each_rank(pool2) -> None:
               f"{r['predicted_peak'] / r['measured_peak'] - 1:+.2%}")
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "ddp"])
+def test_communication_counted_is_what_a_real_checkpointed_step_runs(pool2, kind) -> None:
+    """The collectives ``Communication.of`` counts for the planned sharding are those a real sharded step
+    runs on each rank, with every block checkpointed: the same kinds, calls and full-tensor bytes (FSDP's
+    all-gathers and reduce-scatters with their padding; DDP's bucketed all-reduce). Counted by a dispatch
+    mode on the c10d ops of the third step.
+
+    A failure means the predicted communication (and so the predicted step time under sharding) misses
+    or invents collectives, or recompute changes them after all.
+    """
+    results = pool2.run(plan_cells.collectives_of_a_checkpointed_step, kind, timeout=120)
+    for rank, r in enumerate(results):
+        assert r["wrapped"] == plan_cells.SMALL.n_layer, (rank, r)
+        assert r["seen_calls"] == r["predicted_calls"], (rank, r)
+        assert r["seen_bytes"] == r["predicted_bytes"], (rank, r)
+
+
+def test_measured_communication_is_one_calibration_on_every_rank_and_in_the_step_time(pool2) -> None:
+    """``measure_communication`` on the 2-rank group gives every rank the same constants, finite and
+    non-negative for every term, with a positive per-byte cost for each collective; the plan for FSDP2
+    made with it (rank 0's, on both ranks) adds exactly its modelled communication to the step time of
+    the plan for no sharding.
+
+    A failure means ranks would model different step times, a constant is missing or meaningless, or the
+    measured communication does not reach the plan.
+    """
+    from ckpt_wrapper import Plan
+    from ckpt_wrapper.planner.communication import COLLECTIVES, TERMS
+
+    results = pool2.run(plan_cells.measured_communication_in_a_plan, timeout=120)
+    assert results[0]["calibration"] == results[1]["calibration"]
+    assert results[0]["json"] == results[1]["json"]
+    constants = results[0]["calibration"]["communication"]
+    assert set(constants) == set(TERMS)
+    for term, (per_call, per_byte) in constants.items():
+        assert 0 <= per_call < 1 and 0 <= per_byte < 1e-6, (term, per_call, per_byte)
+        if term in COLLECTIVES:
+            assert per_byte > 0, (term, per_byte)
+    sharded, alone = Plan.from_json(results[0]["json"]), Plan.from_json(results[0]["alone"])
+    assert sharded.communication["world_size"] == 2 and sharded.communication["seconds"] > 0
+    assert sharded.step_seconds == pytest.approx(alone.step_seconds + sharded.communication["seconds"], abs=1e-12)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "ddp"])
+def test_fit_with_sharding_predicts_the_sharded_step_it_timed(pool2, sharding) -> None:
+    """``Calibration.fit(sharding=...)`` on both ranks leaves the model as it was, and the unwrapped step
+    time of a plan made with it is the sharded step the fit timed (its source says how long): the FLOP rate
+    fitted to the unsharded step, the communication scaled to the rest.
+
+    A failure means the fit scales communication against a different count than ``plan`` models (the
+    sharded step would be mispredicted), or the fit changes the model.
+    """
+    import re
+
+    from ckpt_wrapper import Plan
+
+    results = pool2.run(plan_cells.fit_with_sharding, sharding, timeout=150)
+    assert results[0]["json"] == results[1]["json"]
+    for rank, r in enumerate(results):
+        assert r["unchanged"], f"rank {rank}: the fit changed the model"
+    timed = re.search(rf"scaled x([0-9.]+) to a ([0-9.]+) ms {sharding} step", results[0]["source"])
+    assert timed, results[0]["source"]
+    plan = Plan.from_json(results[0]["json"])
+    assert plan.communication["seconds"] > 0
+    assert plan.step_seconds * 1e3 == pytest.approx(float(timed.group(2)), rel=1e-3)
+
+
 @pytest.mark.timeout(90)
 def test_infeasible_budget_raises_value_error_on_every_rank_without_hanging(pool2) -> None:
     """A budget no plan fits raises a ``ValueError`` saying the least reachable memory on every rank.
