@@ -289,7 +289,7 @@ class Calibration:
             >>> fitted.seconds_per_flop > 0 and "fitted" in fitted.source
             True
         """
-        from ckpt_wrapper.planner.profile import call_model, model_kept, scalar_of, wall_seconds
+        from ckpt_wrapper.planner.profile import call_model, grads_kept, model_kept, scalar_of, wall_seconds
         from ckpt_wrapper.timeline import StepRecorder
 
         if not isinstance(repeats, int) or isinstance(repeats, bool):
@@ -317,34 +317,27 @@ class Calibration:
                              f"{first.device.type}; expected the device the model runs on (pass device=None, or move "
                              "the model there first)")
         base = cls.measure(device) if base is None else base
-        grads = {p: p.grad for p in model.parameters()}
+        with model_kept(model), grads_kept(model) as params:
 
-        def step() -> None:
-            scalar_of(call_model(model, batch)).backward()
-            for p in grads:
-                p.grad = None
-
-        try:
-            with model_kept(model):
-                for p in grads:
+            def step() -> None:
+                scalar_of(call_model(model, batch)).backward()
+                for p in params:
                     p.grad = None
-                with StepRecorder(exclude=list(model.parameters()), device=device) as recorder:
-                    loss = scalar_of(call_model(model, batch))
-                    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                        raise ValueError(f"Calibration.fit: {type(model).__name__} called on the batch gave no "
-                                         "floating-point output that requires grad, so there is no backward to time; "
-                                         "expected a model with trainable parameters, called with grad enabled")
-                    loss.backward()
-                    del loss
-                counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
-                step()
-                seconds = statistics.median(wall_seconds(step, device, repeats))
-                fitted = base.fitted(counts, seconds)
-                if sharding != "none":
-                    fitted = fitted._fit_communication(model, batch, device, sharding, check_fn, repeats, seconds)
-        finally:
-            for p, g in grads.items():
-                p.grad = g
+
+            with StepRecorder(exclude=params, device=device) as recorder:
+                loss = scalar_of(call_model(model, batch))
+                if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                    raise ValueError(f"Calibration.fit: {type(model).__name__} called on the batch gave no "
+                                     "floating-point output that requires grad, so there is no backward to time; "
+                                     "expected a model with trainable parameters, called with grad enabled")
+                loss.backward()
+                del loss
+            counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
+            step()
+            seconds = statistics.median(wall_seconds(step, device, repeats))
+            fitted = base.fitted(counts, seconds)
+            if sharding != "none":
+                fitted = fitted._fit_communication(model, batch, device, sharding, check_fn, repeats, seconds)
         return fitted
 
     def _fit_communication(self, model: torch.nn.Module, batch: Any, device: torch.device, sharding: str,

@@ -80,6 +80,20 @@ def model_kept(model: nn.Module) -> Iterator[None]:
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
 
+@contextlib.contextmanager
+def grads_kept(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Run with every parameter's ``.grad`` None (backward accumulates into an existing one in place), and
+    put the gradients the model had back afterwards; yields the parameters."""
+    grads = {p: p.grad for p in model.parameters()}
+    for p in grads:
+        p.grad = None
+    try:
+        yield list(grads)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` with ``batch``: a dict as keywords, a tuple or list as positional arguments, else alone."""
     if isinstance(batch, dict):
@@ -225,16 +239,13 @@ class ModelBaseline:
 def measure_model(model: nn.Module, batch: Any, device: torch.device, options: PlanOptions,
                   blocks: list[tuple[str, nn.Module]], calibration: Calibration) -> ModelBaseline:
     """Measure the unwrapped model; gradients already in ``.grad`` are put back afterwards."""
-    grads = {p: p.grad for p in model.parameters()}
-    for p in grads:  # backward accumulates into an existing .grad in place: start from none
-        p.grad = None
-    try:
+    with grads_kept(model) as params:
         torch.manual_seed(0)
         recorded = model_step(model, lambda: call_model(model, batch), blocks, device=device, loss=scalar_of)
-        for p in grads:
+        for p in params:
             p.grad = None
         if options.measure == "held":
-            unwrapped = held_bytes(lambda: call_model(model, batch), device, options, list(model.parameters()))
+            unwrapped = held_bytes(lambda: call_model(model, batch), device, options, params)
         else:
             unwrapped = recorded.held
         if options.cost_model(device) == "model":
@@ -242,9 +253,6 @@ def measure_model(model: nn.Module, batch: Any, device: torch.device, options: P
         else:
             step = lambda: scalar_of(call_model(model, batch)).backward()
             seconds = least_seconds(step, device, options.repeats)
-    finally:
-        for p, g in grads.items():
-            p.grad = g
     return ModelBaseline(unwrapped_bytes=unwrapped, step_flops=recorded.counts.flops, step_seconds=seconds,
                          step=recorded)
 
