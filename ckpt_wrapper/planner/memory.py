@@ -167,15 +167,24 @@ class StaticMemory:
         full = {u: 0 for u in units}
         grads = {u: 0 for u in units}
         resident = {u: 0 for u in units}
+        numels = {u: 0 for u in units}
+        element = {u: 1 for u in units}
+        grad_shards = {u: 0 for u in units}  # FSDP2: each trainable parameter's own padded shard
         for p, unit in owner.items():
             full[unit] += p.numel() * p.element_size()
             grads[unit] += p.numel() * p.element_size() if p.requires_grad else 0
             resident[unit] += _shard_bytes(p, world) if sharding == "fsdp2" else 0
-        if sharding == "fsdp1":  # one flat parameter per unit, padded to a multiple of the world size
-            resident = {u: math.ceil(full[u] / world) for u in units}
+            grad_shards[unit] += _shard_bytes(p, world) if sharding == "fsdp2" and p.requires_grad else 0
+            numels[unit] += p.numel()
+            element[unit] = p.element_size()
+        if sharding == "fsdp1":  # one flat parameter per unit, padded in elements to a multiple of the world size
+            resident = {u: math.ceil(numels[u] / world) * element[u] for u in units}
         elif sharding != "fsdp2":
             resident = dict(full)
-        shard_of = {u: (resident[u] * grads[u] // max(full[u], 1)) if world > 1 else grads[u] for u in units}
+        if sharding == "fsdp2":
+            shard_of = grad_shards
+        else:
+            shard_of = {u: (resident[u] * grads[u] // max(full[u], 1)) if world > 1 else grads[u] for u in units}
         stepped = [p for p in params if p.requires_grad]
         if isinstance(optimizer, torch.optim.Optimizer):
             ids = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -226,3 +226,40 @@ def test_measured_compute_keeps_the_default_communication_until_measured() -> No
     measured = Calibration.measure("cpu", repeats=1)
     assert measured.communication == Calibration.default("cpu").communication
     assert set(measured.communication) == set(TERMS)
+
+
+def test_fsdp1_pads_its_flat_parameter_in_elements_not_bytes() -> None:
+    """FSDP1's flat parameter is padded to a multiple of the world size in elements: a unit of 25 fp32
+    elements on 2 ranks gathers 26 elements (104 bytes), not 100 bytes (measured: a real FULL_SHARD step of
+    this model gathers 104 bytes per block call and reduce-scatters 104 per block).
+
+    A failure means an odd-sized unit's all-gathers, reduce-scatters and resident shard are undercounted.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 4, bias=False))  # 25 and 20 elements
+    static = StaticMemory.of(model, find_blocks(model, None), sharding="fsdp1", world_size=2)
+    assert static.resident_parameters == {"": 0, "0": 13 * 4, "1": 10 * 4}
+    comm = Communication.of(static)
+    assert comm.bytes["all_gather"] == 2 * (26 + 20) * 4
+    assert comm.bytes["reduce_scatter"] == (26 + 20) * 4
+
+
+def test_fsdp2_reduce_scatters_the_padded_shards_of_the_trainable_parameters_alone() -> None:
+    """FSDP2 reduce-scatters only a unit's trainable parameters, each padded on its own dim 0: a unit of a
+    trainable (3, 4) and a frozen (4, 4) parameter on 2 ranks reduce-scatters 2 x 2 x 4 fp32 = 64 bytes
+    (a real FSDP2 step of this unit does), not a share of the unit's padded bytes by trainable fraction.
+
+    A failure means a partly frozen unit's reduce-scatter (and its gradient shard) is mis-sized.
+    """
+    class Unit(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = torch.nn.Parameter(torch.randn(3, 4))
+            self.f = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+
+    model = torch.nn.Sequential(Unit(), Unit())
+    static = StaticMemory.of(model, find_blocks(model, None), sharding="fsdp2", world_size=2)
+    assert static.sharded_gradients == {"": 0, "0": 2 * 4 * 4, "1": 2 * 4 * 4}
+    comm = Communication.of(static)
+    assert comm.bytes["reduce_scatter"] == 2 * 64
+    assert comm.bytes["all_gather"] == 2 * 2 * (4 + 4) * 4 * 4
