@@ -324,19 +324,29 @@ class Calibration:
                 for p in params:
                     p.grad = None
 
-            with StepRecorder(exclude=params, device=device) as recorder:
-                loss = scalar_of(call_model(model, batch))
-                if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                    raise ValueError(f"Calibration.fit: {type(model).__name__} called on the batch gave no "
-                                     "floating-point output that requires grad, so there is no backward to time; "
-                                     "expected a model with trainable parameters, called with grad enabled")
-                loss.backward()
-                del loss
-            counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
-            step()
-            seconds = statistics.median(wall_seconds(step, device, repeats))
-            fitted = base.fitted(counts, seconds)
-            if sharding != "none":
+            def fit_locally() -> tuple[Calibration, float]:
+                with StepRecorder(exclude=params, device=device) as recorder:
+                    loss = scalar_of(call_model(model, batch))
+                    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                        raise ValueError(f"Calibration.fit: {type(model).__name__} called on the batch gave no "
+                                         "floating-point output that requires grad, so there is no backward to time; "
+                                         "expected a model with trainable parameters, called with grad enabled")
+                    loss.backward()
+                    del loss
+                counts = Counts(recorder.flops, recorder.bytes_touched, len(recorder.ops), 0)
+                step()
+                seconds = statistics.median(wall_seconds(step, device, repeats))
+                return base.fitted(counts, seconds), seconds
+
+            if sharding == "none":
+                fitted, seconds = fit_locally()
+            else:  # a rank that fails here must not leave the others waiting in the collectives that follow
+                local_error: Exception | None = None
+                try:
+                    fitted, seconds = fit_locally()
+                except Exception as error:  # re-raised below, on every rank
+                    local_error = error
+                _raise_if_any_rank_failed(local_error, device)
                 fitted = fitted._fit_communication(model, batch, device, sharding, check_fn, repeats, seconds)
         return fitted
 
@@ -371,6 +381,22 @@ class Calibration:
         return dataclasses.replace(calibration, communication=scaled,
                                    source=f"{calibration.source}; communication scaled x{scale:.3f} to a "
                                           f"{measured * 1e3:.4f} ms {sharding} step")
+
+
+def _raise_if_any_rank_failed(local_error: Exception | None, device: torch.device) -> None:
+    """Every rank learns which ranks failed (a collective): the failed ones raise their own error, the
+    others a ``ValueError`` naming them, so no rank goes on into a collective the others never reach."""
+    import torch.distributed as dist
+
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    failed[dist.get_rank()] = local_error is not None
+    dist.all_reduce(failed)
+    if local_error is not None:
+        raise local_error
+    ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+    if ranks:
+        raise ValueError(f"Calibration.fit(sharding=...): rank(s) {ranks} failed to fit the unsharded step (see "
+                         "their error), so no rank times the sharded one; fix that rank's error and fit again")
 
 
 def _fsdp_unit_seconds(group: Any, device: torch.device, repeats: int, constants: dict[str, tuple[float, float]]) -> float:

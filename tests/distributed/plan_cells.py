@@ -217,3 +217,21 @@ def fit_with_sharding(sharding: str) -> dict[str, Any]:
     plan = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, sharding=sharding, calibration=calibration)
     return {"unchanged": unchanged, "source": calibration.source, "json": plan.to_json(),
             "communication": calibration.communication}
+
+
+def fit_with_sharding_failing_on_rank_1() -> str:
+    """``Calibration.fit(sharding="ddp")`` where rank 1's own base calibration cannot fit its step (as noise
+    or a per-rank ``Calibration.measure`` can make it); return what the fit raised or ``"fitted"``."""
+    import dataclasses
+
+    from ckpt_wrapper.planner.cost import Calibration
+
+    base = Calibration.default("cpu")
+    if dist.get_rank() == 1:
+        base = dataclasses.replace(base, seconds_per_op=1.0)  # its ops alone model to more than the step
+    tokens, _ = _tokens(31)
+    try:
+        Calibration.fit(_model(0), tokens, repeats=1, base=base, sharding="ddp")
+    except ValueError as error:
+        return f"ValueError: {error}"
+    return "fitted"

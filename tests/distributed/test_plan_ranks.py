@@ -152,3 +152,15 @@ def test_infeasible_budget_raises_value_error_on_every_rank_without_hanging(pool
     messages = pool2.run(plan_cells.plan_infeasible, timeout=20)
     for rank, message in enumerate(messages):
         assert "least activation memory reachable" in message, f"rank {rank}: {message}"
+
+
+def test_fit_with_sharding_that_fails_on_one_rank_raises_on_every_rank_without_hanging(pool2) -> None:
+    """A ``Calibration.fit(sharding=...)`` whose unsharded fit fails on rank 1 only raises a ``ValueError``
+    on both ranks: rank 1 its own, rank 0 one naming rank 1, before either starts a collective.
+
+    A failure (a timeout) means the healthy rank went on into ``measure_communication``'s collectives
+    alone and waited there for the process group's timeout (30 minutes by default).
+    """
+    results = pool2.run(plan_cells.fit_with_sharding_failing_on_rank_1, timeout=60)
+    assert results[1].startswith("ValueError: cannot fit the FLOP rate"), results
+    assert results[0].startswith("ValueError: ") and "[1]" in results[0], results
