@@ -150,9 +150,10 @@ class Calibration:
         with _Passthrough():
             per_mode_op = max(least(lambda: small.add(1.0), 200) - per_op, 0.0)
         side = 1024 if device.type == "cuda" else 384
-        a, b = torch.randn(side, side, device=device), torch.randn(side, side, device=device)
+        generator = torch.Generator(device=device).manual_seed(0)  # the global RNG is the caller's, left as it was
+        a, b = (torch.randn(side, side, device=device, generator=generator) for _ in range(2))
         per_flop = max(least(lambda: a @ b, 5) - per_op, 1e-9) / (2 * side**3)
-        big = torch.randn(2**22 if device.type == "cuda" else 2**20, device=device)
+        big = torch.randn(2**22 if device.type == "cuda" else 2**20, device=device, generator=generator)
         per_byte = max(least(lambda: big.mul(2.0), 5) - per_op, 1e-9) / (2 * big.numel() * big.element_size())
         threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
         return cls(seconds_per_flop=per_flop, seconds_per_byte=per_byte, seconds_per_op=per_op,

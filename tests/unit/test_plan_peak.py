@@ -128,6 +128,21 @@ def test_a_calibration_fitted_to_the_models_step_starts_the_plan_from_that_step(
         base.fitted(fitted_counts_without_flops(), 1.0)
 
 
+def test_measuring_and_fitting_with_the_default_base_leave_the_global_rng_as_it_was() -> None:
+    """``Calibration.measure`` (the default ``base`` of ``fit``) draws its kernels' inputs from a generator of
+    its own, so measuring, and fitting without a ``base``, leave the caller's RNG where it was.
+
+    A failure means a calibration changes what the user's next ``torch.randn`` or dropout mask draws.
+    """
+    model = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.1), nn.Linear(16, 16))
+    batch = torch.randn(4, 16)
+    rng = torch.random.get_rng_state()
+    Calibration.measure("cpu", repeats=1)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    Calibration.fit(model, batch, repeats=1)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
 def test_fitting_refuses_what_it_cannot_fit_with_an_error_that_says_what_was_expected() -> None:
     """``Calibration.fit`` and ``fitted`` refuse bad arguments up front, each saying what was expected and found.
 
