@@ -63,7 +63,7 @@ class Calibration:
     """Extra seconds per op run under a Python dispatch mode."""
     source: str = "default"
     """``default`` (the built-in constants) or where it was measured (``measured on cpu, 2 threads``)."""
-    communication: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    communication: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict, hash=False)
     """Per collective (``all_gather``, ``reduce_scatter``, ``all_reduce``, ``broadcast``) and for FSDP's copies
     (``copy``): seconds per call and seconds per byte each rank sends (``Communication.bus_bytes``; for
     ``copy`` per byte read and written). A collective without constants is not modelled; copies without

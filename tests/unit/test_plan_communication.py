@@ -263,3 +263,16 @@ def test_fsdp2_reduce_scatters_the_padded_shards_of_the_trainable_parameters_alo
     comm = Communication.of(static)
     assert comm.bytes["reduce_scatter"] == 2 * 64
     assert comm.bytes["all_gather"] == 2 * 2 * (4 + 4) * 4 * 4
+
+
+def test_a_calibration_with_communication_constants_stays_hashable() -> None:
+    """A ``Calibration`` is a frozen value and was hashable before it had communication constants; it still
+    is (equal calibrations hash alike; the constants take part in equality, not the hash).
+
+    A failure means ``hash(calibration)`` (a dict key, a set, a cache) raises ``TypeError``.
+    """
+    a, b = _calibration(), _calibration()
+    assert a == b and hash(a) == hash(b)
+    assert {a: 1}[b] == 1
+    assert _calibration(communication={}) != a
+    assert hash(Calibration.default("cpu")) == hash(Calibration.default("cpu"))
