@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,28 @@ the waits of ranks for each other at each collective)."""
 
 _DDP_FIRST_BUCKET = 2**20
 _DDP_BUCKET = 25 * 2**20
+_DDP_BROADCAST_BUCKET = 250 * 2**20
+
+
+def _ddp_buckets(model: nn.Module) -> int:
+    """How many gradient buckets DDP makes of ``model``'s trainable parameters (its default limits)."""
+    open_bytes: dict[tuple[torch.dtype, torch.device], int] = {}
+    closed = {key: 0 for key in open_bytes}
+    for p in reversed([p for p in model.parameters() if p.requires_grad]):
+        key = (p.dtype, p.device)
+        open_bytes[key] = open_bytes.get(key, 0) + p.numel() * p.element_size()
+        limit = _DDP_FIRST_BUCKET if closed.get(key, 0) == 0 else _DDP_BUCKET
+        if open_bytes[key] >= limit:
+            closed[key] = closed.get(key, 0) + 1
+            open_bytes[key] = 0
+    return sum(closed.values()) + sum(1 for nbytes in open_bytes.values() if nbytes)
+
+
+def _bytes_by_dtype(tensors: Iterable[torch.Tensor]) -> dict[torch.dtype, int]:
+    totals: dict[torch.dtype, int] = {}
+    for t in tensors:
+        totals[t.dtype] = totals.get(t.dtype, 0) + t.numel() * t.element_size()
+    return totals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +94,14 @@ class Communication:
         return cls(world_size=1, calls=dict.fromkeys(TERMS, 0), bytes=dict.fromkeys(TERMS, 0))
 
     @classmethod
-    def of(cls, static: StaticMemory, *, buffer_bytes: int = 0) -> Communication:
+    def of(cls, static: StaticMemory, model: nn.Module | None = None) -> Communication:
         """What a step communicates under ``static``'s sharding and world size.
 
-        ``buffer_bytes`` is the model's buffers (DDP broadcasts them in every forward).
+        Under DDP, ``model`` (the unsharded model ``static`` was worked out from) gives the buckets: its
+        trainable parameters in reverse order, one series of buckets per dtype, each closed once it holds
+        its limit (1 MiB, then 25 MiB), as DDP assigns them; and its buffers, which DDP broadcasts in
+        every forward, one call per dtype and 250 MiB. Without it, the gradient bytes are divided into
+        full buckets and no buffers are counted.
         """
         world = static.world_size
         if static.sharding == "none" or world == 1:
@@ -104,10 +130,12 @@ class Communication:
         else:  # ddp
             grads = sum(static.block_gradients.values())
             if grads:
-                calls["all_reduce"] = 1 + math.ceil(max(grads - _DDP_FIRST_BUCKET, 0) / _DDP_BUCKET)
+                calls["all_reduce"] = (_ddp_buckets(model) if model is not None else
+                                       1 + math.ceil(max(grads - _DDP_FIRST_BUCKET, 0) / _DDP_BUCKET))
                 sizes["all_reduce"] = grads
-            if buffer_bytes:
-                calls["broadcast"], sizes["broadcast"] = 1, buffer_bytes
+            for nbytes in _bytes_by_dtype(model.buffers() if model is not None else ()).values():
+                calls["broadcast"] += math.ceil(nbytes / _DDP_BROADCAST_BUCKET)
+                sizes["broadcast"] += nbytes
         return cls(world_size=world, calls=calls, bytes=sizes)
 
     def bus_bytes(self, term: str) -> int:

@@ -22,14 +22,18 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.planner.communication import COLLECTIVES, TERMS, Communication, shard_as_planned
 
 __all__ = ["Calibration", "Counts", "DEFAULT_CALIBRATIONS"]
+
+logger = get_logger(__name__)
 
 
 class Counts(NamedTuple):
@@ -70,9 +74,13 @@ class Calibration:
     them cost ``seconds_per_byte``. Measured with ``measure_communication`` on the group the model trains on."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.communication, Mapping):
+            raise ValueError(f"Calibration.communication must be a dict of collective -> (seconds per call, seconds "
+                             f"per byte sent), got {type(self.communication).__name__}; pass {{}} for none")
         for collective, constants in self.communication.items():
             if (collective not in TERMS or not isinstance(constants, (tuple, list)) or len(constants) != 2
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in constants)):
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                               for v in constants)):
                 raise ValueError(f"Calibration.communication[{collective!r}] = {constants!r}: expected a collective "
                                  f"of {list(TERMS)} mapped to (seconds per call, seconds per byte sent), both "
                                  "finite and >= 0; measure them with calibration.measure_communication()")
@@ -114,7 +122,7 @@ class Calibration:
     def default(cls, device: torch.device | str) -> Calibration:
         """The built-in constants for ``device``'s type (CPU ones for any type without its own)."""
         kind = torch.device(device).type
-        return DEFAULT_CALIBRATIONS.get(kind, DEFAULT_CALIBRATIONS["cpu"])
+        return dataclasses.replace(DEFAULT_CALIBRATIONS.get(kind, DEFAULT_CALIBRATIONS["cpu"]))  # a copy: its dict too
 
     @classmethod
     def measure(cls, device: torch.device | str = "cpu", *, repeats: int = 5) -> Calibration:
@@ -188,6 +196,9 @@ class Calibration:
 
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        if dist.is_available() and dist.is_initialized() and group is not None and dist.get_rank(group) < 0:
+            raise ValueError("measure_communication was called on a rank outside the group it was given; call it on "
+                             "the group's ranks only (all of them)")
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
             raise ValueError("measure_communication needs an initialized process group of 2 or more ranks, called on "
                              "every rank; call it after init_process_group under torchrun (one rank communicates "
@@ -200,7 +211,7 @@ class Calibration:
         small = 1024 // world * world
 
         def timed(numel: int, copied: int) -> list[float]:
-            full, shard = torch.ones(numel, device=device), torch.ones(numel // world, device=device)
+            full, shard = torch.zeros(numel, device=device), torch.zeros(numel // world, device=device)
             source, target = torch.ones(copied, device=device), torch.empty(copied, device=device)
             runs = [lambda: dist.all_gather_into_tensor(full, shard, group=group),
                     lambda: dist.reduce_scatter_tensor(shard, full, group=group),
@@ -273,7 +284,8 @@ class Calibration:
         them, its own FSDP unit, the rest the root's), its step is timed the same way (the slowest rank's
         median), and every communication constant is scaled so the step's modelled communication is what
         the sharded step took beyond the unsharded one: communication as exposed on this machine, with
-        whatever overlap or contention it has. The copy costs the model's parameters once more, until the
+        whatever overlap or contention it has. Only the terms that sharding's step runs are scaled (a DDP
+        fit leaves the all-gather's measured constants as they were). The copy costs the model's parameters once more, until the
         fit returns.
 
         Raises:
@@ -362,8 +374,8 @@ class Calibration:
         calibration = self.measure_communication(device=device, repeats=repeats)
         blocks = find_blocks(model, check_fn)
         static = StaticMemory.of(model, blocks, sharding=sharding, world_size=dist.get_world_size(), device=device)
-        modelled = calibration.communication_seconds(
-            Communication.of(static, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers())))
+        step_communication = Communication.of(static, model)
+        modelled = calibration.communication_seconds(step_communication)
         sharded = shard_as_planned(copy.deepcopy(model), [name for name, _ in blocks], sharding, device)
 
         def step() -> None:
@@ -378,7 +390,13 @@ class Calibration:
         measured = float(slowest.item())
         exposed = max(measured - unsharded_seconds, 0.0)
         scale = exposed / modelled if modelled > 0 else 1.0
-        scaled = {term: (per_call * scale, per_byte * scale) for term, (per_call, per_byte) in calibration.communication.items()}
+        if scale == 0.0:
+            logger.warning("Calibration.fit(sharding=%r): the sharded step (%.3f ms) measured no slower than the "
+                           "unsharded one (%.3f ms), so its communication is modelled as free; time a larger step or "
+                           "raise repeats if that is noise", sharding, measured * 1e3, unsharded_seconds * 1e3)
+        used = {term for term, calls in step_communication.calls.items() if calls}  # the others keep their measure
+        scaled = {term: (per_call * scale, per_byte * scale) if term in used else (per_call, per_byte)
+                  for term, (per_call, per_byte) in calibration.communication.items()}
         return dataclasses.replace(calibration, communication=scaled,
                                    source=f"{calibration.source}; communication scaled x{scale:.3f} to a "
                                           f"{measured * 1e3:.4f} ms {sharding} step")

@@ -151,12 +151,18 @@ class StaticMemory:
             device: where the model trains; default its parameters' device.
 
         Raises:
-            ValueError: for an unknown sharding or a world size below 1.
+            ValueError: for an unknown sharding or a world size below 1, or ``fsdp2`` for a model with 0-dim
+                parameters (``fully_shard`` refuses them).
         """
         if sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}; fix the spelling")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+        if sharding == "fsdp2" and scalars:
+            raise ValueError(f"sharding='fsdp2': fully_shard cannot shard 0-dim parameters, and this model has "
+                             f"{len(scalars)} ({', '.join(scalars[:3])}{', ...' if len(scalars) > 3 else ''}); expected "
+                             "parameters of at least one dimension (make them shape (1,)), or plan for 'fsdp1' or 'ddp'")
         params = list(model.parameters())
         device = device or (params[0].device if params else torch.device("cpu"))
         owner = {p: "" for p in params}

@@ -169,7 +169,7 @@ def _plan_kept(model: nn.Module, batch: Any, options: PlanOptions) -> Plan:
     else:
         chosen = choose_within_limit(per_block, unwrapped, budget, limit, peaks) or _refuse(
             per_block, unwrapped, budget, limit, peaks, options, world)
-    communication = Communication.of(static, buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()))
+    communication = Communication.of(static, model)
     comm_seconds = calibration.communication_seconds(communication)
     report = None if peaks is None else peaks.evaluate([option.figures for option in chosen])  # type: ignore[misc]
     entries = [PlanEntry(name, option.strategy, option.held, option.cost,

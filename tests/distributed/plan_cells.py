@@ -151,19 +151,40 @@ class _CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def collectives_of_a_checkpointed_step(kind: str) -> dict[str, Any]:
-    """Shard a copy of the small GPT by ``kind`` with every block checkpointed (``full``), take two steps
-    (DDP rebuilds its buckets in the second), then count the collectives of a third forward and backward;
-    return them beside ``Communication.of`` for the unwrapped model's planned sharding."""
+class _Wide(torch.nn.Module):
+    """Eight 4 MiB linear blocks (32 MiB of gradients: several DDP buckets), buffers of two dtypes, and no
+    parameters of the root's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(8))
+        self.register_buffer("scale", torch.ones(3))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x)) * self.scale[0]
+        return x
+
+
+def collectives_of_a_checkpointed_step(kind: str, which: str = "gpt") -> dict[str, Any]:
+    """Shard a copy of the small GPT (or ``_Wide``) by ``kind`` with every block checkpointed (``full``),
+    take two steps (DDP rebuilds its buckets in the second), then count the collectives of a third forward
+    and backward; return them beside ``Communication.of`` for the unwrapped model's planned sharding."""
     from ckpt_wrapper.planner.communication import Communication
     from ckpt_wrapper.planner.memory import StaticMemory
     from ckpt_wrapper.planner.profile import find_blocks
     from ckpt_wrapper.testing.recipes import ShardRecipe, shard_model
 
-    base = _model(0)
-    tokens, _ = _tokens(11 + dist.get_rank())
+    if which == "gpt":
+        base: torch.nn.Module = _model(0)
+        tokens, _ = _tokens(11 + dist.get_rank())
+    else:
+        torch.manual_seed(0)
+        base = _Wide()
+        tokens = torch.randn(4, 1024, generator=torch.Generator().manual_seed(11 + dist.get_rank()))
     static = StaticMemory.of(base, find_blocks(base, None), sharding=kind, world_size=dist.get_world_size())
-    predicted = Communication.of(static, buffer_bytes=sum(b.numel() * b.element_size() for b in base.buffers()))
+    predicted = Communication.of(static, base)
     model = copy.deepcopy(base)
     blocks = set(model.layers)
     ckpt_wrapper.apply_activation_checkpointing(model, check_fn=lambda sub: sub in blocks)
@@ -183,7 +204,7 @@ def collectives_of_a_checkpointed_step(kind: str) -> dict[str, Any]:
     with _CountCollectives() as seen:
         sharded(tokens).sum().backward()
     dist.barrier()
-    return {"wrapped": wrapped, "seen_calls": seen.calls, "seen_bytes": seen.bytes,
+    return {"wrapped": wrapped, "blocks": len(blocks), "seen_calls": seen.calls, "seen_bytes": seen.bytes,
             "predicted_calls": {k: v for k, v in predicted.calls.items() if v and k in seen.KINDS.values()},
             "predicted_bytes": {k: v for k, v in predicted.bytes.items() if v and k in seen.KINDS.values()}}
 

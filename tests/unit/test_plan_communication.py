@@ -108,23 +108,29 @@ def test_fsdp1_gathers_as_fsdp2_without_its_copies() -> None:
 
 
 def test_ddp_all_reduces_every_gradient_in_buckets_and_broadcasts_buffers() -> None:
-    """DDP: one all-reduce per bucket (1 MiB first, then 25 MiB) of all gradient bytes; the buffers'
-    broadcast in forward when the model has any; nothing at all on one rank or without sharding.
+    """DDP: every gradient byte all-reduced, in buckets filled from the last parameter back, each closed
+    once it holds its limit (1 MiB first, then 25 MiB); buffers broadcast in forward, one call per dtype;
+    nothing at all on one rank or without sharding.
 
     A failure means DDP's traffic is miscounted, or communication is charged where there is none.
     """
     model, _ = _gpt()
     grads = sum(p.numel() * 4 for p in model.parameters())
-    comm = Communication.of(_static(model, "ddp", 4), buffer_bytes=512)
-    assert comm.calls["all_reduce"] == 1 and comm.bytes["all_reduce"] == grads
+    comm = Communication.of(_static(model, "ddp", 4), model)
+    assert comm.calls["all_reduce"] == 1 and comm.bytes["all_reduce"] == grads  # < 1 MiB: one bucket
     assert comm.bus_bytes("all_reduce") == int(grads * 2 * 3 / 4)
-    assert (comm.calls["broadcast"], comm.bytes["broadcast"]) == (1, 512)
+    assert comm.calls["broadcast"] == 0  # the GPT has no buffers
     big = torch.nn.Module()
-    big.layers = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(8))  # 32 MiB of weights
-    weights = sum(p.numel() * 4 for p in big.parameters())
-    assert Communication.of(_static(big, "ddp", 2)).calls["all_reduce"] == 1 + math.ceil((weights - 2**20) / (25 * 2**20))
+    big.layers = torch.nn.ModuleList(torch.nn.Linear(1024, 1024) for _ in range(8))  # 8 x 4 MiB + 4 KiB
+    big.register_buffer("scale", torch.ones(3))
+    big.register_buffer("steps", torch.zeros((), dtype=torch.long))
+    comm = Communication.of(_static(big, "ddp", 2), big)
+    # from the back: the last bias and weight close the 1 MiB bucket; seven more pairs (28 MiB) pass 25 MiB
+    assert comm.calls["all_reduce"] == 2
+    assert (comm.calls["broadcast"], comm.bytes["broadcast"]) == (2, 3 * 4 + 8)
+    assert Communication.of(_static(big, "ddp", 2)).calls["broadcast"] == 0  # no model: no buffers known
     for sharding, world in (("none", 4), ("fsdp2", 1), ("ddp", 1)):
-        assert Communication.of(_static(model, sharding, world)) == Communication.none()
+        assert Communication.of(_static(model, sharding, world), model) == Communication.none()
 
 
 def test_communication_seconds_adds_each_term_at_its_constants() -> None:
@@ -276,3 +282,37 @@ def test_a_calibration_with_communication_constants_stays_hashable() -> None:
     assert {a: 1}[b] == 1
     assert _calibration(communication={}) != a
     assert hash(Calibration.default("cpu")) == hash(Calibration.default("cpu"))
+
+
+def test_a_plan_for_fsdp2_refuses_a_model_with_scalar_parameters() -> None:
+    """``fully_shard`` cannot shard a 0-dim parameter, so a plan for FSDP2 of such a model describes a
+    setup that cannot run: it is refused, naming the parameter and what would do.
+
+    A failure means the planner predicts memory and communication for a sharding that then fails.
+    """
+    model, batch = _gpt()
+    model.temperature = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="0-dim parameters.*temperature"):
+        ckpt_wrapper.plan(model, batch, memory_budget=0.5, sharding="fsdp2", world_size=2)
+    assert ckpt_wrapper.plan(model, batch, memory_budget=0.5, sharding="ddp", world_size=2).communication
+
+
+@pytest.mark.parametrize("bad", [None, [("all_gather", (1e-3, 1e-9))], {"all_gather": (True, False)}])
+def test_calibration_refuses_communication_that_is_not_a_mapping_of_number_pairs(bad) -> None:
+    """``None``, a list of pairs, or booleans for constants are refused with the same clear message kind.
+
+    A failure means a wrong type surfaces as an AttributeError, or booleans pass as seconds.
+    """
+    with pytest.raises(ValueError, match="Calibration.communication"):
+        _calibration(communication=bad)
+
+
+def test_default_calibration_is_a_copy_its_callers_cannot_change_for_others() -> None:
+    """Changing the communication constants of the calibration ``default`` returned leaves the built-in
+    defaults as they were.
+
+    A failure means one caller's edit silently changes every later plan's default cost model.
+    """
+    first = Calibration.default("cpu")
+    first.communication["all_gather"] = (9.0, 9.0)
+    assert Calibration.default("cpu").communication["all_gather"] != (9.0, 9.0)
