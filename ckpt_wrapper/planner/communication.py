@@ -6,14 +6,14 @@ the same under every plan, and ``plan`` adds its modelled seconds (``Calibration
 to the unwrapped and the predicted step time alike. What is counted, per rank and step:
 
 - **FSDP2 and FSDP1** (each block its own unit, the rest the root's, with ``fully_shard``'s and
-  ``FULL_SHARD``'s defaults: every unit but the root resharded after forward; ``shard_as_planned``): an all-gather per unit in forward; one per block
-  again in backward (the root keeps its parameters unsharded between forward and backward); a
+  ``FULL_SHARD``'s defaults, as ``shard_as_planned`` shards): an all-gather per unit in forward; one per
+  block again in backward (the root keeps its parameters unsharded between forward and backward); a
   reduce-scatter per unit with gradients. Bytes are the unsharded (padded) sizes. FSDP2 also copies the
   shards into the all-gather's input and its output out into the parameters, the gradients into the
   reduce-scatter's input and its output into the gradient shards (``copy``: bytes read and written).
 - **FSDP's fixed cost per unit** (``fsdp_unit``): one per unit with parameters and step.
-- **DDP**: an all-reduce per gradient bucket (the first bucket 1 MiB, then 25 MiB, DDP's defaults) and,
-  when the model has buffers, their broadcast in forward.
+- **DDP**: an all-reduce per gradient bucket (filled from the last parameter back, the first closed at
+  1 MiB, the rest at 25 MiB, DDP's defaults) and the buffers' broadcast in forward, one per dtype.
 - **none**, or one rank: nothing.
 
 Example:
