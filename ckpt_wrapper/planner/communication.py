@@ -58,7 +58,7 @@ _DDP_BROADCAST_BUCKET = 250 * 2**20
 def _ddp_buckets(model: nn.Module) -> int:
     """How many gradient buckets DDP makes of ``model``'s trainable parameters (its default limits)."""
     open_bytes: dict[tuple[torch.dtype, torch.device], int] = {}
-    closed = {key: 0 for key in open_bytes}
+    closed: dict[tuple[torch.dtype, torch.device], int] = {}
     for p in reversed([p for p in model.parameters() if p.requires_grad]):
         key = (p.dtype, p.device)
         open_bytes[key] = open_bytes.get(key, 0) + p.numel() * p.element_size()
