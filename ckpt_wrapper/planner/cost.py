@@ -433,9 +433,9 @@ def _fsdp_unit_seconds(group: Any, device: torch.device, repeats: int, constants
     from ckpt_wrapper.planner.profile import least_seconds
 
     units = 4
-    generator = torch.Generator().manual_seed(0)
-    plain = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(units))).to(device)
-    batch = torch.randn(64, 256, generator=generator).to(device)
+    with torch.random.fork_rng(devices=[]):  # the probe's CPU initialisation draws; the caller's RNG stays
+        plain = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(units))).to(device)
+    batch = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(device)
     mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, device.type)
     sharded = copy.deepcopy(plain)
     for layer in sharded:

@@ -213,12 +213,15 @@ def measured_communication_in_a_plan() -> dict[str, Any]:
     """Measure the group's communication constants, then plan for FSDP2 with them and without sharding."""
     from ckpt_wrapper.planner.cost import Calibration
 
+    rng = torch.random.get_rng_state()
     calibration = Calibration.default("cpu").measure_communication(repeats=2)
+    rng_kept = torch.equal(torch.random.get_rng_state(), rng)
     base = _model(0)
     tokens, _ = _tokens(5)
     sharded = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, sharding="fsdp2", calibration=calibration)
     alone = ckpt_wrapper.plan(base, tokens, memory_budget=0.5, calibration=calibration)
-    return {"calibration": calibration.to_dict(), "json": sharded.to_json(), "alone": alone.to_json()}
+    return {"calibration": calibration.to_dict(), "json": sharded.to_json(), "alone": alone.to_json(),
+            "rng_kept": rng_kept}
 
 
 def fit_with_sharding(sharding: str) -> dict[str, Any]:

@@ -98,15 +98,16 @@ def test_measured_communication_is_one_calibration_on_every_rank_and_in_the_step
     """``measure_communication`` on the 2-rank group gives every rank the same constants, finite and
     non-negative for every term, with a positive per-byte cost for each collective; the plan for FSDP2
     made with it (rank 0's, on both ranks) adds exactly its modelled communication to the step time of
-    the plan for no sharding.
+    the plan for no sharding. Measuring leaves each rank's global RNG where it was.
 
-    A failure means ranks would model different step times, a constant is missing or meaningless, or the
-    measured communication does not reach the plan.
+    A failure means ranks would model different step times, a constant is missing or meaningless, the
+    measured communication does not reach the plan, or measuring shifts the user's next random draws.
     """
     from ckpt_wrapper import Plan
     from ckpt_wrapper.planner.communication import COLLECTIVES, TERMS
 
     results = pool2.run(plan_cells.measured_communication_in_a_plan, timeout=120)
+    assert [r["rng_kept"] for r in results] == [True, True], "measuring changed the caller's global RNG"
     assert results[0]["calibration"] == results[1]["calibration"]
     assert results[0]["json"] == results[1]["json"]
     constants = results[0]["calibration"]["communication"]
