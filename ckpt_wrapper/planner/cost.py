@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckpt_wrapper.log import get_logger
 from ckpt_wrapper.planner.communication import COLLECTIVES, TERMS, Communication, shard_as_planned
+from ckpt_wrapper.planner.memory import SHARDINGS, StaticMemory
 
 __all__ = ["Calibration", "Counts", "DEFAULT_CALIBRATIONS"]
 
@@ -285,8 +286,8 @@ class Calibration:
         median), and every communication constant is scaled so the step's modelled communication is what
         the sharded step took beyond the unsharded one: communication as exposed on this machine, with
         whatever overlap or contention it has. Only the terms that sharding's step runs are scaled (a DDP
-        fit leaves the all-gather's measured constants as they were). The copy costs the model's parameters once more, until the
-        fit returns.
+        fit leaves the all-gather's measured constants as they were). The copy costs the model's
+        parameters once more, until the fit returns.
 
         Raises:
             TypeError: if ``repeats`` is not an int or ``base`` not a ``Calibration``.
@@ -312,12 +313,12 @@ class Calibration:
         if base is not None and not isinstance(base, Calibration):
             raise TypeError(f"base must be a Calibration (Calibration.measure(device)) or None, got "
                             f"{type(base).__name__}")
-        if sharding not in ("none", "ddp", "fsdp1", "fsdp2"):
-            raise ValueError(f"sharding must be one of ['none', 'ddp', 'fsdp1', 'fsdp2'], got {sharding!r}")
+        if sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {list(SHARDINGS)}, got {sharding!r}")
         if sharding != "none":
-            import torch.distributed as dist
+            from ckpt_wrapper.planner.distribute import is_multi_rank
 
-            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            if not is_multi_rank():
                 raise ValueError(f"Calibration.fit(sharding={sharding!r}) times the sharded step, so it needs an "
                                  "initialized process group of 2 or more ranks, called on every rank; fit without "
                                  "sharding outside torch.distributed")
@@ -368,7 +369,6 @@ class Calibration:
         """``fit``'s sharded part: the communication constants scaled to a sharded copy's measured step."""
         import torch.distributed as dist
 
-        from ckpt_wrapper.planner.memory import StaticMemory
         from ckpt_wrapper.planner.profile import call_model, find_blocks, scalar_of, wall_seconds
 
         calibration = self.measure_communication(device=device, repeats=repeats)
@@ -429,7 +429,6 @@ def _fsdp_unit_seconds(group: Any, device: torch.device, repeats: int, constants
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    from ckpt_wrapper.planner.memory import StaticMemory
     from ckpt_wrapper.planner.profile import least_seconds
 
     units = 4
